@@ -1,0 +1,107 @@
+"""``hf-taskarith <subcommand>``: a thin layer over the Python API.
+
+Bad input exits non-zero with a one-line error; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .errors import TaskArithError
+
+logger = logging.getLogger("hf_taskarith")
+
+
+def parse_weighted(value: str) -> Tuple[str, float]:
+    """``REF[:WEIGHT]`` → ``(ref, weight)``; the weight may be negative (negation)."""
+    ref, sep, weight = value.rpartition(":")
+    if sep:
+        try:
+            return ref, float(weight)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from .task_vector import BaseModel, TaskVector
+
+    if not args.task and not args.adapter:
+        raise TaskArithError("apply: give at least one --task or --adapter")
+    base = BaseModel(args.base)
+    vectors = []
+    for spec in args.task or []:
+        ref, weight = parse_weighted(spec)
+        vectors.append(weight * TaskVector.from_models(base, ref, exclude=args.exclude))
+    for spec in args.adapter or []:
+        ref, weight = parse_weighted(spec)
+        vectors.append(weight * TaskVector.from_adapter(ref))
+    merged = sum(vectors).apply_to(base, scaling_coef=args.scaling)
+    out = merged.save_pretrained(
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        device=args.device,
+        tokenizer_source=args.tokenizer_from,
+        progress=not args.quiet,
+    )
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-taskarith", description="Model merging by task arithmetic.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "apply",
+        help="θ = base + λ·Σ w_i τ_i from full finetunes and PEFT LoRA adapters",
+        description="Apply task vectors to a base model and save the result (streaming, atomic).",
+    )
+    p.add_argument("--base", required=True, help="base model: local folder, org/name or org/name@revision")
+    p.add_argument("--task", action="append", metavar="REF[:WEIGHT]", help="full finetune; weight may be negative")
+    p.add_argument("--adapter", action="append", metavar="REF[:WEIGHT]", help="PEFT LoRA adapter; weight may be negative")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--scaling", "--lambda", type=float, default=1.0, help="λ, multiplies the whole sum (default 1)")
+    p.add_argument("--dtype", default=None, help="output dtype: bfloat16, float16 or float32 (default: the base's)")
+    p.add_argument("--device", default=None, help="where the math runs: cpu (default) or cuda")
+    p.add_argument("--max-shard-size", default="5GB", help="shard size (default 5GB)")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="keep matching tensors out of dense τ")
+    p.add_argument("--tokenizer-from", default=None, help="copy tokenizer files from this model instead of the base")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_apply)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except TaskArithError as err:
+        if args.debug:
+            raise
+        print(f"hf-taskarith {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as err:
+        if args.debug:
+            raise
+        print(f"hf-taskarith {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""The one streaming engine: base tensors in, per-tensor compute on a device, sharded writer out.
+
+Every merge (task-vector algebra, merge methods) subclasses :class:`StreamingMerge` and
+implements :meth:`StreamingMerge.compute` for one tensor. The engine owns everything else:
+validation from headers, read-ahead (the next tensors are read and computed in worker threads
+while the current one is written), the output dtype, sharding, atomic output and in-memory
+materialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+
+from .errors import TaskArithError
+from .refs import ResolvedModel, resolve
+from .writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    PlannedTensor,
+    ShardPlan,
+    StreamingShardWriter,
+    atomic_output_dir,
+    check_output_dir,
+    parse_size,
+)
+
+if TYPE_CHECKING:
+    from .task_vector import BaseModel
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def parse_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """``"bf16"``/``"bfloat16"``/``torch.bfloat16``… → ``torch.dtype`` (``None`` stays ``None``).
+
+    Raises:
+        TaskArithError: for anything but bf16, fp16 and fp32.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
+            raise TaskArithError(f"dtype: {dtype} is not an output dtype (use bfloat16, float16 or float32)")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower().replace("torch.", "")]
+    except KeyError:
+        raise TaskArithError(f"dtype: unknown dtype {dtype!r} (use bfloat16, float16 or float32)") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``None``/``"cpu"``/``"cuda"``/``"cuda:1"`` → device, with a clear error if CUDA is absent."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TaskArithError("device: CUDA was asked for but torch.cuda.is_available() is False")
+    return dev
+
+
+class StreamingMerge(ABC):
+    """A merge result evaluated tensor by tensor over a base checkpoint.
+
+    Subclasses implement :meth:`compute` (and :meth:`validate`); saving, streaming and
+    materialising are shared.
+    """
+
+    def __init__(self, base: "BaseModel"):
+        self.base = base
+        self._validated = False
+
+    # ---------------------------------------------------------------- subclass API
+    @abstractmethod
+    def validate(self) -> None:
+        """Check every input against the base from headers alone (raise on mismatch)."""
+
+    @abstractmethod
+    def compute(self, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+        """The merged value of one floating-point base tensor, in fp32 on ``base_tensor``'s device.
+
+        ``base_tensor`` is a fresh fp32 copy the method may modify in place.
+        """
+
+    def inputs(self) -> List[ResolvedModel]:
+        """Inputs other than the base (for provenance and model cards)."""
+        return []
+
+    def describe(self) -> Dict[str, Any]:
+        """A JSON-able description of the merge, written beside the weights."""
+        return {}
+
+    # ---------------------------------------------------------------- engine
+    def _ensure_valid(self) -> None:
+        if not self._validated:
+            self.validate()
+            self._validated = True
+
+    def output_dtype(self, dtype: Union[str, torch.dtype, None]) -> torch.dtype:
+        parsed = parse_dtype(dtype)
+        if parsed is not None:
+            return parsed
+        cfg = self.base.config
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(cfg.get(key), str) and cfg[key] in DTYPES:
+                return DTYPES[cfg[key]]
+        store = self.base.store
+        for name in store.keys():
+            if store.dtype(name).is_floating_point and store.dtype(name) in DTYPES.values():
+                return store.dtype(name)
+        return torch.float32
+
+    def plan(self, dtype: torch.dtype, max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE) -> ShardPlan:
+        from .checkpoint import iter_in_file_order
+
+        store = self.base.store
+        tensors = []
+        for name in iter_in_file_order(store):
+            src = store.dtype(name)
+            out = dtype if src.is_floating_point else src
+            tensors.append(PlannedTensor(name, tuple(store.shape(name)), out))
+        return ShardPlan.build(tensors, parse_size(max_shard_size))
+
+    def _one(self, name: str, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        raw = self.base.store.get(name)
+        if not raw.dtype.is_floating_point:
+            return raw
+        base_t = raw.to(device=device, dtype=torch.float32)  # stores return fresh buffers: safe to modify
+        merged = self.compute(name, base_t)
+        return merged.to(dtype=out_dtype).cpu()
+
+    def iter_tensors(
+        self,
+        dtype: Union[str, torch.dtype, None] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        order: Optional[List[str]] = None,
+        read_ahead: int = 2,
+        progress: bool = False,
+    ) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Yield ``(name, merged tensor)`` one at a time, in the base's file order.
+
+        Args:
+            dtype: Output dtype for floating tensors (default: the base's).
+            device: Where the math runs (``"cpu"``, ``"cuda"``).
+            order: Names in the order wanted (default: base file order).
+            read_ahead: Tensors computed ahead in worker threads (bounds memory).
+            progress: Show an HF-style progress bar.
+        """
+        self._ensure_valid()
+        out_dtype = self.output_dtype(dtype)
+        dev = resolve_device(device)
+        if order is None:
+            from .checkpoint import iter_in_file_order
+
+            order = list(iter_in_file_order(self.base.store))
+        bar = _progress(len(order), "Merging tensors", progress)
+        with ThreadPoolExecutor(max_workers=max(1, read_ahead)) as pool:
+            pending: deque = deque()
+            names = iter(order)
+            for name in names:
+                pending.append((name, pool.submit(self._one, name, out_dtype, dev)))
+                if len(pending) > read_ahead:
+                    break
+            while pending:
+                name, fut = pending.popleft()
+                result = fut.result()
+                nxt = next(names, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self._one, nxt, out_dtype, dev)))
+                bar.update(1)
+                yield name, result
+        bar.close()
+
+    def state_dict(self, dtype: Union[str, torch.dtype, None] = None, *, device=None) -> Dict[str, torch.Tensor]:
+        """Materialise the merged weights in memory (CPU)."""
+        return dict(self.iter_tensors(dtype, device=device))
+
+    def save_pretrained(
+        self,
+        save_directory: Union[str, Path],
+        *,
+        dtype: Union[str, torch.dtype, None] = None,
+        max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+        overwrite: bool = False,
+        device: Union[str, torch.device, None] = None,
+        tokenizer_source: Union[str, Path, ResolvedModel, None] = None,
+        progress: bool = True,
+    ) -> Path:
+        """Stream the merged model to an HF-layout folder, atomically.
+
+        Args:
+            save_directory: Output folder. Built in a temp folder beside it, then renamed.
+            dtype: ``bfloat16``/``float16``/``float32`` (default: the base's dtype). Math is fp32.
+            max_shard_size: Shard size, e.g. ``"5GB"``; more than one shard writes an index.
+            overwrite: Replace a non-empty folder.
+            device: Where the math runs.
+            tokenizer_source: Take tokenizer files from this model instead of the base.
+            progress: Show a progress bar.
+
+        Returns:
+            The output folder.
+
+        Raises:
+            OutputExistsError: if the folder is non-empty without ``overwrite``, or is an input.
+            IncompatibleTensorsError: if an input does not fit the base.
+        """
+        inputs = [self.base.path] + [r.path for r in self.inputs()]
+        target = check_output_dir(save_directory, overwrite, inputs)
+        self._ensure_valid()
+        out_dtype = self.output_dtype(dtype)
+        plan = self.plan(out_dtype, max_shard_size)
+        tok_dir = resolve(tokenizer_source).path if tokenizer_source is not None else self.base.path
+        with atomic_output_dir(target, overwrite) as tmp:
+            writer = StreamingShardWriter(tmp, plan)
+            try:
+                order = [t.name for t in plan.order()]
+                for name, tensor in self.iter_tensors(out_dtype, device=device, order=order, progress=progress):
+                    writer.write(name, tensor)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            self._write_side_files(tmp, out_dtype, tok_dir)
+        logger.info("Saved merged model to %s (%d shard(s))", target, len(plan.shards))
+        return target
+
+    def _write_side_files(self, folder: Path, dtype: torch.dtype, tokenizer_dir: Path) -> None:
+        config = dict(self.base.config)
+        if config:
+            key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+            config[key] = dtype_name(dtype)
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype_name(dtype)
+            (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        gen = self.base.path / "generation_config.json"
+        if gen.is_file():
+            shutil.copy2(gen, folder / gen.name)
+        for fname in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copy2(src, folder / fname)
+        desc = self.describe()
+        if desc:
+            (folder / "hf_taskarith.json").write_text(json.dumps(desc, indent=2) + "\n")
+
+    def to_model(self, dtype: Union[str, torch.dtype, None] = None, *, device=None, model_class=None):
+        """Materialise the merge as an in-memory transformers model (no disk round trip).
+
+        Args:
+            dtype: Parameter dtype (default: the base's).
+            device: Where the merge math runs; the model is returned on CPU.
+            model_class: transformers class to build (default: the base config's architecture).
+
+        Returns:
+            A ``transformers.PreTrainedModel`` in eval mode.
+        """
+        import transformers
+
+        out_dtype = self.output_dtype(dtype)
+        config = transformers.AutoConfig.from_pretrained(self.base.path)
+        if model_class is None:
+            arch = (getattr(config, "architectures", None) or [None])[0]
+            model_class = getattr(transformers, arch, None) if arch else None
+            if model_class is None:
+                model_class = transformers.AutoModelForCausalLM
+        if hasattr(model_class, "from_config"):
+            model = model_class.from_config(config, dtype=out_dtype)
+        else:
+            model = model_class(config).to(out_dtype)
+        state = self.state_dict(out_dtype, device=device)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
+        missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+        if missing or unexpected:
+            raise TaskArithError(
+                f"{self.base.path}: merged weights do not fit {model_class.__name__}: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model.eval()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    return hf_tqdm(total=total, desc=desc, unit="tensor")

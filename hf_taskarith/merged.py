@@ -1,0 +1,78 @@
+"""θ = θ_base + Σ c_i τ_i, evaluated per tensor on the streaming engine."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from .engine import StreamingMerge
+from .refs import ResolvedModel
+from .task_vector import BaseModel, DenseTaskVector, LoraTaskVector, TaskVector
+
+
+class MergedModel(StreamingMerge):
+    """The lazy result of ``task_vector.apply_to(base)``.
+
+    Call :meth:`save_pretrained` to stream it to disk, :meth:`to_model` for an in-memory
+    transformers model, or :meth:`iter_tensors` to consume it tensor by tensor.
+
+    Dense task vectors that share this base are folded algebraically: for
+    ``θ0 + Σ c_i (θ_i − θ0)`` the engine computes ``(1 − Σ c_i)·θ0 + Σ c_i θ_i``, which reads each
+    input once and makes ``base + 1.0·τ`` reproduce the finetune bit for bit in fp32.
+    """
+
+    def __init__(self, base: BaseModel, expression: TaskVector):
+        super().__init__(base)
+        self.expression = expression
+        self.terms = expression.terms()
+
+    def validate(self) -> None:
+        for _, leaf in self.terms:
+            leaf.bind(self.base.store, self.base.config)
+
+    def inputs(self) -> List[ResolvedModel]:
+        return [leaf.source for _, leaf in self.terms if leaf.source is not None]
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "method": "task_arithmetic",
+            "base": self.base.resolved.display_name,
+            "base_commit": self.base.resolved.commit_sha,
+            "tasks": [
+                {
+                    "name": leaf.name,
+                    "kind": "adapter" if isinstance(leaf, LoraTaskVector) else "model",
+                    "commit": leaf.source.commit_sha if leaf.source else None,
+                    "weight": coef,
+                }
+                for coef, leaf in self.terms
+            ],
+        }
+
+    def compute(self, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+        store = self.base.store
+        base_coef = 1.0
+        reads = []
+        for coef, leaf in self.terms:
+            for mult, identity, load in leaf.linear_parts(name):
+                if identity == store.identity:
+                    base_coef += coef * mult
+                else:
+                    reads.append((coef * mult, load))
+        keep_base = any(leaf.needs_base_tensor(name, store) for _, leaf in self.terms)
+        device = base_tensor.device
+        if base_coef == 0.0 and reads:
+            coef, load = reads.pop(0)
+            acc = load().to(device=device, dtype=torch.float32, copy=True)
+            if coef != 1.0:
+                acc.mul_(coef)
+        elif keep_base:
+            acc = base_tensor * base_coef
+        else:
+            acc = base_tensor.mul_(base_coef) if base_coef != 1.0 else base_tensor
+        for coef, load in reads:
+            acc.add_(load().to(device=device, dtype=torch.float32), alpha=coef)
+        for coef, leaf in self.terms:
+            leaf.add_nonlinear_(acc, name, coef, store, base_tensor)
+        return acc

@@ -1,0 +1,206 @@
+"""Streaming, atomic writer for HF-layout safetensors checkpoints.
+
+The shard layout is planned up front from names, shapes and the output dtype (all known from
+the base's headers), so each shard's header can be written first and tensors appended as they
+are computed: memory holds the tensors in flight, never a whole shard. Files load with
+``safetensors`` and ``transformers`` as usual (same header format, ``{"format": "pt"}``).
+
+Outputs are built in a temp folder beside the target and renamed into place on success, so a
+failure never leaves a half-written folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .checkpoint import TORCH_TO_ST
+from .errors import OutputExistsError, TaskArithError
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """``"5GB"``, ``"500MB"``, ``"1GiB"`` or an int → bytes (transformers' convention: GB = 10⁹)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise TaskArithError(f"max_shard_size: cannot parse {size!r} (use e.g. 5GB, 500MB or a byte count)")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(value * base**power)
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ShardPlan:
+    """Which tensors go to which file, in write order."""
+
+    shards: List[List[PlannedTensor]] = field(default_factory=list)
+    prefix: str = "model"
+
+    @classmethod
+    def build(cls, tensors: Sequence[PlannedTensor], max_shard_size: int, prefix: str = "model") -> "ShardPlan":
+        shards: List[List[PlannedTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if shards[-1] and size + t.nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+        # Within a shard, larger itemsizes first keep every tensor's offset aligned (as safetensors does).
+        for shard in shards:
+            shard.sort(key=lambda t: -t.dtype.itemsize)
+        return cls(shards=shards, prefix=prefix)
+
+    def file_name(self, index: int) -> str:
+        if len(self.shards) == 1:
+            return f"{self.prefix}.safetensors"
+        return f"{self.prefix}-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+
+    def order(self) -> List[PlannedTensor]:
+        return [t for shard in self.shards for t in shard]
+
+    @property
+    def total_size(self) -> int:
+        return sum(t.nbytes for t in self.order())
+
+
+def _header_bytes(shard: List[PlannedTensor], metadata: Dict[str, str]) -> bytes:
+    header: Dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in shard:
+        header[t.name] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class StreamingShardWriter:
+    """Writes tensors in :class:`ShardPlan` order straight to their shard files.
+
+    Args:
+        folder: Destination folder (normally the temp folder of :func:`atomic_output_dir`).
+        plan: The shard plan; :meth:`write` must receive tensors in ``plan.order()``.
+        metadata: safetensors ``__metadata__`` (``{"format": "pt"}`` by default).
+    """
+
+    def __init__(self, folder: Path, plan: ShardPlan, metadata: Optional[Dict[str, str]] = None):
+        self.folder = Path(folder)
+        self.plan = plan
+        self.metadata = metadata or {"format": "pt"}
+        self._queue = iter([(i, t) for i, shard in enumerate(plan.shards) for t in shard])
+        self._file = None
+        self._file_index = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            index, planned = next(self._queue)
+        except StopIteration:
+            raise TaskArithError(f"writer: unexpected extra tensor {name!r}") from None
+        if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise TaskArithError(
+                f"writer: expected {planned.name!r} {list(planned.shape)} {planned.dtype}, got {name!r} "
+                f"{list(tensor.shape)} {tensor.dtype}"
+            )
+        if index != self._file_index:
+            self._close_file()
+            self._file = open(self.folder / self.plan.file_name(index), "wb")
+            self._file.write(_header_bytes(self.plan.shards[index], self.metadata))
+            self._file_index = index
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if data.numel():
+            self._file.write(data.view(torch.uint8).numpy().data)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index when there is more than one shard."""
+        leftover = next(self._queue, None)
+        if leftover is not None:
+            raise TaskArithError(f"writer: tensor {leftover[1].name!r} was never written")
+        self._close_file()
+        if len(self.plan.shards) > 1:
+            weight_map = {t.name: self.plan.file_name(i) for i, shard in enumerate(self.plan.shards) for t in shard}
+            index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / f"{self.plan.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def check_output_dir(target: Union[str, os.PathLike], overwrite: bool, inputs: Iterable[Path] = ()) -> Path:
+    """Fail fast, before any work, if the output folder may not be written.
+
+    Raises:
+        OutputExistsError: if the target exists and is non-empty without ``overwrite``, is a
+            file, or is (or contains) one of the inputs — overwriting it would lose data.
+    """
+    target = Path(target).expanduser().resolve()
+    for src in inputs:
+        src = Path(src).resolve()
+        if src == target or target in src.parents:
+            raise OutputExistsError(f"{target}: output folder is one of the inputs ({src}); choose another --out")
+    if target.exists():
+        if not target.is_dir():
+            raise OutputExistsError(f"{target}: output path exists and is a file")
+        if any(target.iterdir()) and not overwrite:
+            raise OutputExistsError(f"{target}: output folder exists and is not empty (pass --overwrite / overwrite=True)")
+    return target
+
+
+@contextmanager
+def atomic_output_dir(target: Union[str, os.PathLike], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``target``; on success it replaces ``target`` by rename.
+
+    On any exception the temp folder is removed and ``target`` is left as it was.
+    """
+    target = check_output_dir(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        os.rename(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
