@@ -53,6 +53,29 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .method_merge import run_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = run_recipe(recipe, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    print(f"{args.recipe}: valid {recipe.source_format} recipe, method {recipe.method}, {len(recipe.tasks)} task(s)")
+    if args.resolve:
+        from .validate import resolve_check
+
+        for line in resolve_check(recipe):
+            print("  " + line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-taskarith", description="Model merging by task arithmetic.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -76,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-from", default=None, help="copy tokenizer files from this model instead of the base")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("merge", help="run a YAML merge recipe (native or mergekit)")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default=None, help="where the math runs: cpu (default) or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("validate", help="check a recipe's schema (and with --resolve, its inputs)")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--resolve", action="store_true", help="also check inputs exist and shapes agree (headers only)")
+    p.set_defaults(func=_cmd_validate)
     return parser
 
 
