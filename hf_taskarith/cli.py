@@ -76,6 +76,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+
+    url = push_folder(
+        args.folder, args.repo_id, private=True if args.private else None, revision=args.revision,
+        create_pr=args.create_pr, commit_message=args.commit_message,
+    )
+    print(url)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-taskarith", description="Model merging by task arithmetic.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -111,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--resolve", action="store_true", help="also check inputs exist and shapes agree (headers only)")
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("push", help="upload a merged model or adapter folder to the Hub in one commit")
+    p.add_argument("folder", help="output folder of a merge")
+    p.add_argument("repo_id", help="namespace/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to commit to")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
+    p.add_argument("--commit-message", default=None, help="commit summary")
+    p.set_defaults(func=_cmd_push)
     return parser
 
 

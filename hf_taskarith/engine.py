@@ -253,6 +253,7 @@ class StreamingMerge(ABC):
                 raise
             self._write_side_files(tmp, out_dtype, tok_dir)
         logger.info("Saved merged model to %s (%d shard(s))", target, len(plan.shards))
+        self._saved_to = target
         return target
 
     def _write_side_files(self, folder: Path, dtype: torch.dtype, tokenizer_dir: Path) -> None:
@@ -273,6 +274,78 @@ class StreamingMerge(ABC):
         desc = self.describe()
         if desc:
             (folder / "hf_taskarith.json").write_text(json.dumps(desc, indent=2) + "\n")
+            self.model_card().save(folder / "README.md")
+
+    def recipe_dict(self) -> Dict[str, Any]:
+        """The merge as a recipe, with inputs named by Hub id or folder name (never a local path)."""
+        desc = self.describe()
+        tasks = [
+            {("adapter" if t.get("kind") == "adapter" else "model"): t["name"], "weight": t.get("weight")}
+            for t in desc.get("tasks", [])
+        ]
+        out = {"base": desc.get("base"), "method": desc.get("method")}
+        if desc.get("parameters"):
+            out["parameters"] = desc["parameters"]
+        out["tasks"] = tasks
+        if desc.get("seed") is not None:
+            out["seed"] = desc["seed"]
+        return out
+
+    def model_card(self, repo_id: Optional[str] = None, output_format: str = "model"):
+        """This merge's ``huggingface_hub.ModelCard`` (see :func:`hf_taskarith.card.build_model_card`)."""
+        import yaml
+
+        from .card import build_model_card
+
+        inputs = self.inputs()
+        return build_model_card(
+            self.describe(),
+            base_path=self.base.path,
+            input_paths=[r.path for r in inputs],
+            base_repo_id=self.base.resolved.repo_id,
+            input_repo_ids=[r.repo_id for r in inputs],
+            output_format=output_format,
+            recipe_yaml=yaml.safe_dump(self.recipe_dict(), sort_keys=False),
+            eval_results=getattr(self, "eval_results", None),
+            repo_id=repo_id,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: Optional[bool] = None,
+        commit_message: Optional[str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        token: Union[str, bool, None] = None,
+        save_directory: Union[str, Path, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
+    ) -> str:
+        """Save (if not saved yet) and upload the merge to the Hub in one commit, with its model card.
+
+        Shaped like transformers' ``push_to_hub``. Returns the commit (or PR) URL.
+
+        Raises:
+            hf_taskarith.hub.PushError: with a clear reason on 401/403/404 or other failures.
+        """
+        import tempfile
+
+        from .hub import push_folder
+
+        folder = getattr(self, "_saved_to", None)
+        with tempfile.TemporaryDirectory(prefix="hf_taskarith-push-") as tmp:
+            if save_directory is not None or folder is None:
+                folder = self.save_pretrained(
+                    save_directory or Path(tmp) / "model", dtype=dtype, max_shard_size=max_shard_size,
+                    overwrite=save_directory is None, progress=False,
+                )
+            self.model_card(repo_id).save(Path(folder) / "README.md")
+            return push_folder(
+                folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                commit_message=commit_message, token=token,
+            )
 
     def to_model(self, dtype: Union[str, torch.dtype, None] = None, *, device=None, model_class=None):
         """Materialise the merge as an in-memory transformers model (no disk round trip).

@@ -29,6 +29,14 @@ class MergeTask:
     parameters: Dict[str, ParamValue] = field(default_factory=dict)
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(exclude_none=True)
+    return value
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed independent of processing order (and of which process runs it)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
@@ -81,13 +89,15 @@ class MethodMerge(StreamingMerge):
             "paper": self.spec.paper,
             "base": self.base.resolved.display_name,
             "base_commit": self.base.resolved.commit_sha,
-            "seed": self.seed,
+            "seed": self.seed if self.spec.stochastic else None,
+            "parameters": {k: _jsonable(v) for k, v in self.parameters.items()},
             "tasks": [
                 {
                     "name": t.vector.name,
                     "kind": "adapter" if isinstance(t.vector, LoraTaskVector) else "model",
                     "commit": t.vector.source.commit_sha if t.vector.source else None,
-                    "weight": t.weight,
+                    "weight": _jsonable(t.weight),
+                    **({"parameters": {k: _jsonable(v) for k, v in t.parameters.items()}} if t.parameters else {}),
                 }
                 for t in self.tasks
             ],
@@ -163,7 +173,7 @@ def run_recipe(
         The output folder.
     """
     merge = build_merge(recipe, token=token)
-    return merge.save_pretrained(
+    out = merge.save_pretrained(
         out_dir,
         dtype=recipe.dtype,
         max_shard_size=recipe.output.max_shard_size,
@@ -172,3 +182,10 @@ def run_recipe(
         tokenizer_source=recipe.tokenizer_source,
         progress=progress,
     )
+    push = recipe.output.push_to_hub
+    if push is not None:
+        merge.push_to_hub(
+            push.repo_id, private=push.private, revision=push.revision, create_pr=push.create_pr,
+            commit_message=push.commit_message, token=token,
+        )
+    return out
