@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -89,6 +89,25 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
+class LazyTensor:
+    """The base tensor of one name, read and converted to fp32 on first use only.
+
+    A merge that does not need the base value (e.g. ``base + 1.0·τ`` folds it away) never reads it.
+    ``get()`` returns a fresh fp32 tensor the caller may modify in place.
+    """
+
+    def __init__(self, load: Callable[[], torch.Tensor], shape: Tuple[int, ...], device: torch.device):
+        self._load = load
+        self.shape = tuple(shape)
+        self.device = device
+        self._value: Optional[torch.Tensor] = None
+
+    def get(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._load().to(device=self.device, dtype=torch.float32)
+        return self._value
+
+
 class StreamingMerge(ABC):
     """A merge result evaluated tensor by tensor over a base checkpoint.
 
@@ -106,10 +125,11 @@ class StreamingMerge(ABC):
         """Check every input against the base from headers alone (raise on mismatch)."""
 
     @abstractmethod
-    def compute(self, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
-        """The merged value of one floating-point base tensor, in fp32 on ``base_tensor``'s device.
+    def compute(self, name: str, base: LazyTensor) -> torch.Tensor:
+        """The merged value of one floating-point base tensor, in fp32 on ``base.device``.
 
-        ``base_tensor`` is a fresh fp32 copy the method may modify in place.
+        ``base.get()`` reads the base tensor (fp32, a fresh copy the method may modify in place);
+        methods that do not need it should not call it.
         """
 
     def inputs(self) -> List[ResolvedModel]:
@@ -152,11 +172,10 @@ class StreamingMerge(ABC):
         return ShardPlan.build(tensors, parse_size(max_shard_size))
 
     def _one(self, name: str, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        raw = self.base.store.get(name)
-        if not raw.dtype.is_floating_point:
-            return raw
-        base_t = raw.to(device=device, dtype=torch.float32)  # stores return fresh buffers: safe to modify
-        merged = self.compute(name, base_t)
+        store = self.base.store
+        if not store.dtype(name).is_floating_point:
+            return store.get(name)  # integer buffers are copied unchanged
+        merged = self.compute(name, LazyTensor(lambda: store.get(name), store.shape(name), device))
         return merged.to(dtype=out_dtype).cpu()
 
     def iter_tensors(

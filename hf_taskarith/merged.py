@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .engine import StreamingMerge
+from .engine import LazyTensor, StreamingMerge
 from .refs import ResolvedModel
 from .task_vector import BaseModel, DenseTaskVector, LoraTaskVector, TaskVector
 
@@ -50,7 +50,7 @@ class MergedModel(StreamingMerge):
             ],
         }
 
-    def compute(self, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+    def compute(self, name: str, base: LazyTensor) -> torch.Tensor:
         store = self.base.store
         base_coef = 1.0
         reads = []
@@ -60,19 +60,21 @@ class MergedModel(StreamingMerge):
                     base_coef += coef * mult
                 else:
                     reads.append((coef * mult, load))
-        keep_base = any(leaf.needs_base_tensor(name, store) for _, leaf in self.terms)
-        device = base_tensor.device
-        if base_coef == 0.0 and reads:
+        nonlinear = [(c, leaf) for c, leaf in self.terms if leaf.needs_base_tensor(name, store)]
+        device = base.device
+        if abs(base_coef) < 1e-12 and reads:
+            # θ0 cancels (e.g. base + 1.0·τ): never read it. out= keeps one fp32 pass, no temporaries.
             coef, load = reads.pop(0)
-            acc = load().to(device=device, dtype=torch.float32, copy=True)
-            if coef != 1.0:
-                acc.mul_(coef)
-        elif keep_base:
-            acc = base_tensor * base_coef
+            acc = torch.empty(base.shape, dtype=torch.float32, device=device)
+            torch.mul(load().to(device), coef, out=acc)
+        elif nonlinear:
+            acc = base.get() * base_coef  # DoRA / saved modules need the untouched θ0 below
         else:
-            acc = base_tensor.mul_(base_coef) if base_coef != 1.0 else base_tensor
+            acc = base.get()
+            if base_coef != 1.0:
+                acc.mul_(base_coef)
         for coef, load in reads:
-            acc.add_(load().to(device=device, dtype=torch.float32), alpha=coef)
+            acc.add_(load().to(device), alpha=coef)  # mixed-dtype add: no fp32 copy of the input
         for coef, leaf in self.terms:
-            leaf.add_nonlinear_(acc, name, coef, store, base_tensor)
+            leaf.add_nonlinear_(acc, name, coef, store, base.get() if nonlinear else None)
         return acc

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .engine import StreamingMerge
+from .engine import LazyTensor, StreamingMerge
 from .errors import RecipeError
 from .methods import METHODS, MethodSpec, get_method
 from .recipe import ParamValue, Recipe, evaluate, layer_position
@@ -115,7 +115,8 @@ class MethodMerge(StreamingMerge):
             merged[key] = values[0] if all(v == values[0] for v in values) else values
         return merged
 
-    def compute(self, name: str, base_tensor: torch.Tensor) -> torch.Tensor:
+    def compute(self, name: str, base: LazyTensor) -> torch.Tensor:
+        base_tensor = base.get()
         if name not in self._touched:
             return base_tensor
         store = self.base.store

@@ -1,0 +1,651 @@
+"""Benchmark harness: ``make bench`` → ``BENCHMARKS.md``.
+
+    .venv/bin/python tests/bench/run_bench.py --out BENCHMARKS.md [--only floor,apply] [--repeats 3]
+
+Each section is a function registered in ``SECTIONS`` (see ``@section``); it runs its commands
+through ``measure.measure`` (median wall time of ``--repeats`` runs, peak RSS of the child, warm
+page cache) and returns a ``SectionResult`` that is rendered as a markdown table between
+``<!-- section:NAME -->`` / ``<!-- /section:NAME -->`` markers. An existing output file is merged
+section by section: sections not run keep their previous text, so ``--only`` refreshes part of
+the file.
+
+Inputs are synthetic Llama checkpoints from ``synth.py``, cached under ``bench_work/models``
+(git-ignored). Outputs go to ``bench_work/out/<section>`` and are deleted after the section
+unless ``--keep-outputs``. Raw numbers are also kept in ``bench_work/results.json``, which is
+where a section finds the IO floor when ``floor`` is not part of the current run.
+
+A command that is missing or fails is reported as FAILED with the tail of its stderr; the
+harness itself carries on.
+
+Adding a section: write ``def section_x(ctx: Context) -> SectionResult`` decorated with
+``@section("x", "Title")``; use ``ctx.suite()`` for inputs, ``ctx.measure(...)`` to run commands,
+``ctx.floor()`` for the ratio column, ``Row``/``SectionResult`` for the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import measure as _measure  # noqa: E402
+import synth  # noqa: E402
+
+GB = 1e9
+
+
+# --------------------------------------------------------------------------- results & rendering
+
+
+@dataclass
+class Row:
+    """One table row: a displayed command and its measurement."""
+
+    command: str  # as displayed, paths replaced by placeholders
+    m: _measure.Measurement
+    floor_wall_s: Optional[float] = None  # for the "wall / floor" column
+    note: str = ""
+
+    def cells(self) -> List[str]:
+        cmd = f"`{self.command}`"
+        if self.note:
+            cmd += f" ({self.note})"
+        if not self.m.ok:
+            return [cmd, "**FAILED**", "—", "—"]
+        wall = self.m.median_wall_s
+        ratio = f"{wall / self.floor_wall_s:.2f}" if self.floor_wall_s else "—"
+        return [cmd, f"{wall:.2f}", f"{self.m.peak_rss_bytes / GB:.2f}", ratio]
+
+
+@dataclass
+class SectionResult:
+    """What a section returns: intro text, a table of rows, markdown notes after the table."""
+
+    title: str
+    intro: str = ""
+    rows: List[Row] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)  # extra raw results for results.json
+    legend: Dict[str, str] = field(default_factory=dict)  # placeholder → meaning
+
+    @property
+    def failed(self) -> bool:
+        return any(not r.m.ok for r in self.rows) or bool(self.data.get("verify_failed"))
+
+
+def render_section(name: str, res: SectionResult, ctx: "Context") -> str:
+    """Markdown for one section, markers included."""
+    out = [f"<!-- section:{name} -->", f"## {res.title}", ""]
+    out.append(
+        f"_Measured {ctx.started} on {ctx.machine['summary']}; git {ctx.machine['git']}; "
+        f"median of {ctx.repeats} run{'s' if ctx.repeats != 1 else ''} after an untimed read of the inputs (warm page cache). "
+        f"Rerun: `{ctx.rerun_command(name)}`._"
+    )
+    out.append("")
+    if res.intro:
+        out += [res.intro.strip(), ""]
+    if res.legend:
+        out.append("; ".join(f"`{k}` = {v}" for k, v in res.legend.items()) + ".")
+        out.append("")
+    if res.rows:
+        out.append("| Command | Median wall (s) | Peak RSS (GB) | Wall / floor |")
+        out.append("|---|---:|---:|---:|")
+        out += ["| " + " | ".join(r.cells()) + " |" for r in res.rows]
+        out.append("")
+    for r in res.rows:
+        if not r.m.ok:
+            out.append(f"**FAILED** `{r.command}`: {r.m.error}. Last lines of stderr:")
+            out += ["", "```", r.m.stderr_tail or "(empty)", "```", ""]
+    for n in res.notes:
+        out += [n.rstrip(), ""]
+    out.append(f"<!-- /section:{name} -->")
+    return "\n".join(out)
+
+
+_SECTION_RE = re.compile(r"<!-- section:([\w-]+) -->\n.*?<!-- /section:\1 -->", re.S)
+
+
+def merge_document(old: str, new_sections: Dict[str, str], header: str) -> str:
+    """New header, then sections: freshly run ones replace old ones of the same name, the others
+    are kept; registry order first, then unknown names in their old order."""
+    blocks = {m.group(1): m.group(0) for m in _SECTION_RE.finditer(old)}
+    blocks.update(new_sections)
+    order = [n for n in SECTIONS if n in blocks] + [n for n in blocks if n not in SECTIONS]
+    return header.rstrip() + "\n\n" + "\n\n".join(blocks[n] for n in order) + "\n"
+
+
+# --------------------------------------------------------------------------- machine description
+
+
+def _git_rev() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hf_taskarith"], cwd=REPO, capture_output=True, text=True).stdout
+        return sha.strip() + ("+dirty" if dirty.strip() else "") if sha.strip() else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine_info() -> dict:
+    """nproc, RAM, CPU model, versions; ``fingerprint`` decides whether a cached floor is reusable."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import torch
+
+        torch_v = torch.__version__
+    except ImportError:  # pragma: no cover
+        torch_v = "n/a"
+    summary = f"{nproc} CPU cores ({cpu}), {mem / 2**30:.0f} GiB RAM"
+    return {
+        "nproc": nproc,
+        "cpu": cpu,
+        "mem_bytes": mem,
+        "summary": summary,
+        "python": platform.python_version(),
+        "torch": torch_v,
+        "kernel": platform.release(),
+        "git": _git_rev(),
+        "fingerprint": f"{nproc}|{cpu}|{mem // 2**30}",
+    }
+
+
+# --------------------------------------------------------------------------- context
+
+
+class Context:
+    """What sections share: arguments, paths, synthetic inputs, the IO floor, results.json."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.repeats: int = args.repeats
+        self.layers: int = args.layers
+        self.work = Path(args.work).resolve()
+        self.models_dir = self.work / "models"
+        self.out_dir = self.work / "out"
+        self.results_path = self.work / "results.json"
+        self.started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        self.machine = machine_info()
+        self.bin = Path(sys.executable).parent  # the venv's bin (console scripts live there)
+        self.python = sys.executable
+        self._floors: Dict[int, dict] = {}
+        self._placeholders: Dict[str, str] = {}
+        try:
+            self.results = json.loads(self.results_path.read_text())
+        except (OSError, ValueError):
+            self.results = {}
+
+    # ---- inputs
+    def suite(self, layers: Optional[int] = None, n_finetunes: int = 3) -> Tuple[Path, List[Path]]:
+        """Synthetic base + finetunes (generated once, then cached); registers BASE/FTi placeholders.
+        ``layers`` defaults to ``--layers`` (16: the 1x model)."""
+        layers = layers or self.layers
+        cached = synth.suite_is_cached(self.models_dir, layers, n_finetunes)
+        t0 = time.perf_counter()
+        base, fts = synth.ensure_suite(self.models_dir, layers, n_finetunes)
+        if not cached:
+            secs = round(time.perf_counter() - t0, 1)
+            self.results.setdefault("synth", {})[f"L{layers}"] = {"seconds": secs, "n_models": 1 + n_finetunes, "date": self.started}
+            self.save_results()
+        suffix = "" if layers == self.layers else f"_L{layers}"
+        self._placeholders[str(base)] = "BASE" + suffix
+        for i, ft in enumerate(fts, 1):
+            self._placeholders[str(ft)] = f"FT{i}{suffix}"
+        return base, fts
+
+    def output(self, section: str, name: str = "merged") -> Path:
+        """An output path ``bench_work/out/<section>/<name>``; its parent is wiped by ``clean_output``."""
+        p = self.out_dir / section / name
+        self._placeholders[str(p)] = "OUT"
+        return p
+
+    def clean_output(self, section: str) -> None:
+        """Delete a section's output folder (and any temporary siblings) and flush dirty pages."""
+        shutil.rmtree(self.out_dir / section, ignore_errors=True)
+        (self.out_dir / section).mkdir(parents=True, exist_ok=True)
+        os.sync()
+
+    def display(self, cmd: Sequence[str]) -> str:
+        """The command as shown in the table: known paths → placeholders, venv/bench paths shortened."""
+        parts = []
+        for c in map(str, cmd):
+            for path, ph in sorted(self._placeholders.items(), key=lambda kv: -len(kv[0])):
+                c = c.replace(path, ph)
+            if c == self.python:
+                c = "python"
+            elif c.startswith(str(self.bin) + os.sep):
+                c = c[len(str(self.bin)) + 1 :]
+            elif c.startswith(str(REPO) + os.sep):
+                c = c[len(str(REPO)) + 1 :]
+            parts.append(c)
+        return " ".join(parts)
+
+    def model_legend(self, layers: Optional[int] = None) -> Dict[str, str]:
+        """Placeholder descriptions for a suite, for ``SectionResult.legend``."""
+        layers = layers or self.layers
+        base = synth.suite_paths(self.models_dir, layers)[0]
+        size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+        n_shards = len(list(base.glob("*.safetensors")))
+        n_params = size // 2
+        return {
+            "BASE": f"synthetic Llama ({layers} layers, hidden 2048, {n_params / 1e9:.2f}B params, bf16, "
+            f"{n_shards} shard{'s' if n_shards != 1 else ''}, {size / GB:.2f} GB; `tests/bench/synth.py`)",
+            "FT1..FT3": "finetunes of it (base + 0.002·N(0,1) per weight)",
+            "OUT": "output folder",
+        }
+
+    # ---- running
+    def measure(self, cmd: Sequence[str], warm: Sequence[Path], section: str) -> _measure.Measurement:
+        """``measure.measure`` with the harness defaults: repeats, fresh output folder before each
+        run, offline HF env, per-run timeout."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        print(f"[bench] {self.display(cmd)}", file=sys.stderr, flush=True)
+        m = _measure.measure(
+            cmd,
+            repeats=self.repeats,
+            warm_paths=warm,
+            before_each=lambda: self.clean_output(section),
+            env=env,
+            timeout_s=self.args.timeout,
+        )
+        if m.ok:
+            print(f"[bench]   median {m.median_wall_s:.2f}s, peak RSS {m.peak_rss_bytes / GB:.2f} GB "
+                  f"(walls {', '.join(f'{r.wall_s:.2f}' for r in m.runs)})", file=sys.stderr, flush=True)
+        else:
+            print(f"[bench]   FAILED: {m.error}\n{m.stderr_tail}", file=sys.stderr, flush=True)
+        return m
+
+    def rerun_command(self, name: str) -> str:
+        return f".venv/bin/python tests/bench/run_bench.py --out {self.args.out} --only {name}"
+
+    # ---- IO floor
+    def floor_cmd(self, base: Path, fts: Sequence[Path], out: Path) -> List[str]:
+        return [self.python, str(HERE / "io_floor.py"), str(base), *map(str, fts), str(out)]
+
+    def floor(self, layers: Optional[int] = None) -> Optional[float]:
+        """Median wall time of the IO floor for the suite with ``layers`` layers: from this run, else
+        from results.json (same machine, same synthetic data), else measured now."""
+        layers = layers or self.layers
+        if layers in self._floors:
+            return self._floors[layers]["median_wall_s"]
+        key = f"L{layers}"
+        cached = self.results.get("floors", {}).get(key)
+        if (
+            cached
+            and cached.get("fingerprint") == self.machine["fingerprint"]
+            and cached.get("synth_version") == synth.SYNTH_VERSION
+            and cached.get("median_wall_s")
+        ):
+            self._floors[layers] = cached
+            return cached["median_wall_s"]
+        base, fts = self.suite(layers)
+        m = self.measure(self.floor_cmd(base, fts, self.output("floor")), [base, *fts], "floor")
+        self._record_floor(layers, m)
+        if not self.args.keep_outputs:
+            shutil.rmtree(self.out_dir / "floor", ignore_errors=True)
+        return m.median_wall_s
+
+    def _record_floor(self, layers: int, m: _measure.Measurement) -> None:
+        rec = {
+            **m.to_dict(),
+            "fingerprint": self.machine["fingerprint"],
+            "synth_version": synth.SYNTH_VERSION,
+            "date": self.started,
+        }
+        self._floors[layers] = rec
+        if m.ok:
+            self.results.setdefault("floors", {})[f"L{layers}"] = rec
+            self.save_results()
+
+    def save_results(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.results_path.write_text(json.dumps(self.results, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    fn: Callable[[Context], SectionResult]
+
+
+#: name → Section, in the order sections run and appear in the output file.
+SECTIONS: Dict[str, Section] = {}
+
+
+def section(name: str, title: str):
+    """Register a section function under ``name``."""
+
+    def deco(fn: Callable[[Context], SectionResult]):
+        SECTIONS[name] = Section(name, title, fn)
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- verification helpers
+
+
+def tensor_files(folder: Path) -> Dict[str, Path]:
+    """Tensor name → shard file of a safetensors checkpoint folder (headers only)."""
+    from safetensors import safe_open
+
+    out: Dict[str, Path] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = f
+    return out
+
+
+def _header(files: Dict[str, Path]) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    from safetensors import safe_open
+
+    out = {}
+    by_file: Dict[Path, List[str]] = {}
+    for k, f in files.items():
+        by_file.setdefault(f, []).append(k)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for k in keys:
+                s = h.get_slice(k)
+                out[k] = (tuple(s.get_shape()), s.get_dtype())
+    return out
+
+
+def _load(files: Dict[str, Path], name: str):
+    from safetensors import safe_open
+
+    with safe_open(str(files[name]), framework="pt") as h:
+        return h.get_tensor(name)
+
+
+def verify_linear_merge(
+    base: Path, fts: Sequence[Path], weights: Sequence[float], out: Path, sample: Sequence[str], dtype: str = "BF16"
+) -> Tuple[bool, List[str]]:
+    """Check ``out`` against ``base + Σ w_i (ft_i − base)`` computed in fp32 then cast to bf16.
+
+    All tensors: same names and shapes as the base, dtype ``dtype``. Sampled tensors: max |Δ|,
+    fraction of bit-identical elements, fraction within tolerance of the fp32 reference: one bf16 ulp
+    at |ref| plus 8·eps32·Σ|terms| (a different but valid fp32 summation order, e.g. the engine's
+    ``(1 − Σc)·θ0 + Σ c·θi``, can round to the neighbouring bf16 value, and near-zero results of
+    cancelling terms carry an absolute fp32 error).
+    Returns (ok, markdown lines).
+    """
+    import torch
+
+    lines: List[str] = []
+    if not out.is_dir():
+        return False, [f"Verification: output folder missing ({out})."]
+    bf, of = tensor_files(base), tensor_files(out)
+    bh, oh = _header(bf), _header(of)
+    problems = []
+    if set(bh) != set(oh):
+        problems.append(f"tensor names differ (missing {sorted(set(bh) - set(oh))[:3]}, extra {sorted(set(oh) - set(bh))[:3]})")
+    bad_shape = [k for k in bh if k in oh and oh[k][0] != bh[k][0]]
+    bad_dtype = [k for k in oh if oh[k][1] != dtype]
+    if bad_shape:
+        problems.append(f"{len(bad_shape)} shape mismatches, e.g. {bad_shape[0]}")
+    if bad_dtype:
+        problems.append(f"{len(bad_dtype)} tensors not {dtype}, e.g. {bad_dtype[0]}: {oh[bad_dtype[0]][1]}")
+    try:
+        cfg_dtype = json.loads((out / "config.json").read_text()).get("dtype") or json.loads(
+            (out / "config.json").read_text()
+        ).get("torch_dtype")
+    except (OSError, ValueError):
+        cfg_dtype = None
+    if cfg_dtype != "bfloat16":
+        problems.append(f"config.json dtype is {cfg_dtype!r}")
+
+    ftf = [tensor_files(f) for f in fts]
+    lines.append("| Sampled tensor | Shape | Max abs diff | Bit-identical | Within tolerance |")
+    lines.append("|---|---|---:|---:|---:|")
+    ok_sample = True
+    for name in sample:
+        if name not in of:
+            lines.append(f"| `{name}` | — | missing | — | — |")
+            ok_sample = False
+            continue
+        b = _load(bf, name).float()
+        ref = b.clone()
+        mag = b.abs()  # Σ of the magnitudes of the summed terms, for the fp32 rounding bound
+        for w, files in zip(weights, ftf):
+            t = _load(files, name).float()
+            ref.add_(t - b, alpha=w)
+            mag.add_(t.abs() + b.abs(), alpha=abs(w))
+            del t
+        ref_bf = ref.to(torch.bfloat16)
+        o = _load(of, name)
+        exact = (o == ref_bf).float().mean().item()
+        diff = (o.float() - ref).abs()
+        _, exp = torch.frexp(ref)
+        tol = torch.ldexp(torch.ones_like(ref), exp - 8)  # one bf16 ulp at |ref|: 2^(e-1-7)
+        tol.add_(mag, alpha=8 * torch.finfo(torch.float32).eps)  # + fp32 summation-order error
+        within = (diff <= tol).float().mean().item()
+        max_abs = (o.float() - ref_bf.float()).abs().max().item()
+        ok_sample &= within == 1.0
+        lines.append(f"| `{name}` | {tuple(o.shape)} | {max_abs:.3g} | {exact:.4%} | {within:.4%} |")
+        del b, ref, ref_bf, o, diff, tol, exp, mag
+    ok = not problems and ok_sample
+    if problems:
+        head = "Verification **FAILED**: " + "; ".join(problems)
+    else:
+        head = (
+            f"Verification {'**OK**' if ok else '**FAILED** (sampled values)'}: the output has the base's "
+            f"{len(bh)} tensor names and shapes, all {dtype}, config dtype bfloat16"
+        )
+    head += (
+        f". Sampled tensors compared with `bf16(base + Σ wᵢ·(ftᵢ − base))` computed in fp32 "
+        f"(max abs diff against that bf16 reference; tolerance: 1 bf16 ulp + 8·eps32·Σ|terms|):"
+    )
+    return ok, [head, "", *lines]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@section("floor", "IO floor")
+def section_floor(ctx: Context) -> SectionResult:
+    """Read all tensors of BASE and 3 finetunes and write one model with plain safetensors."""
+    base, fts = ctx.suite()
+    out = ctx.output("floor")
+    m = ctx.measure(ctx.floor_cmd(base, fts, out), [base, *fts], "floor")
+    ctx._record_floor(ctx.layers, m)
+    if not ctx.args.keep_outputs:
+        shutil.rmtree(ctx.out_dir / "floor", ignore_errors=True)
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    res = SectionResult(
+        title="IO floor",
+        intro=(
+            "The least a merge of 4 inputs into 1 output can cost with plain safetensors IO: "
+            "`tests/bench/io_floor.py` reads every tensor of the 3 finetunes (`safe_open` per shard, "
+            "`get_tensor`, discard) and copies the base shard by shard with `save_file`. No arithmetic. "
+            "Other sections report their wall time relative to this one."
+        ),
+        rows=[Row(ctx.display(m.cmd), m, m.median_wall_s)],
+        legend=ctx.model_legend(),
+    )
+    if m.ok:
+        moved = 5 * size
+        res.notes.append(
+            f"Moves {4 * size / GB:.2f} GB in and {size / GB:.2f} GB out: "
+            f"{moved / GB / m.median_wall_s:.2f} GB/s overall. Peak RSS includes the mmapped pages "
+            "of the open shard and one shard's tensors held for `save_file`."
+        )
+        gen = ctx.results.get("synth", {}).get(f"L{ctx.layers}")
+        if gen:
+            res.notes.append(
+                f"Generating the {gen.get('n_models', 4)} synthetic inputs took {gen['seconds']:.0f} s "
+                f"({gen['date']}); they are cached in `bench_work/models`."
+            )
+    return res
+
+
+@section("apply", "`hf-taskarith apply`: dense task vectors (issue 2)")
+def section_apply(ctx: Context) -> SectionResult:
+    """``hf-taskarith apply`` of 3 full finetunes onto the base, bf16 output, checked on a sample."""
+    base, fts = ctx.suite()
+    floor = ctx.floor()
+    out = ctx.output("apply")
+    weights = [0.5, 0.3, 0.2]
+    cmd = [str(ctx.bin / "hf-taskarith"), "apply", "--base", str(base)]
+    for ft, w in zip(fts, weights):
+        cmd += ["--task", f"{ft}:{w}"]
+    cmd += ["--out", str(out), "--dtype", "bfloat16", "--overwrite"]
+    m = ctx.measure(cmd, [base, *fts], "apply")
+    res = SectionResult(
+        title=SECTIONS["apply"].title,
+        intro=(
+            "θ = BASE + 0.5·(FT1 − BASE) + 0.3·(FT2 − BASE) + 0.2·(FT3 − BASE), written as bf16 "
+            "through the CLI (imports, reads, fp32 math, writes, config copy). The output folder is "
+            "deleted (untimed) before each run."
+        ),
+        rows=[Row(ctx.display(cmd), m, floor)],
+        legend=ctx.model_legend(),
+    )
+    if floor is None:
+        res.notes.append("The IO floor could not be measured, so there is no ratio.")
+    if m.ok:
+        n = ctx.layers
+        sample = [
+            "model.embed_tokens.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            f"model.layers.{n // 2}.mlp.down_proj.weight",
+            f"model.layers.{n - 1}.input_layernorm.weight",
+            "lm_head.weight",
+        ]
+        ok, lines = verify_linear_merge(base, fts, weights, out, sample)
+        res.notes.append("\n".join(lines))
+        res.data["verify_failed"] = not ok
+    if not ctx.args.keep_outputs:
+        shutil.rmtree(ctx.out_dir / "apply", ignore_errors=True)
+    return res
+
+
+# --------------------------------------------------------------------------- main
+
+
+def header(ctx: Context) -> str:
+    names = ",".join(SECTIONS)
+    m = ctx.machine
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            f"_Written by `tests/bench/run_bench.py`; last updated {ctx.started}._",
+            "",
+            f"- Rerun everything: `make bench` (= `.venv/bin/python tests/bench/run_bench.py --out {ctx.args.out}`).",
+            f"- Rerun some sections: `.venv/bin/python tests/bench/run_bench.py --out {ctx.args.out} --only {names}` "
+            "(sections not selected keep their previous results).",
+            f"- Last run on: {m['summary']}, Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}, git {m['git']}.",
+            "- Each section states its own date and machine. Wall time: median of the runs; peak RSS: "
+            "max over the runs of the child's `ru_maxrss` (GB = 10⁹ bytes); wall / floor: median wall time "
+            "divided by the IO floor's on the same inputs.",
+        ]
+    )
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="hf_taskarith benchmarks → markdown")
+    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write/merge (default BENCHMARKS.md)")
+    p.add_argument("--only", default=None, help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per command (default 3)")
+    p.add_argument("--work", default=str(REPO / "bench_work"), help="working folder for inputs/outputs (default bench_work)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is killed (default 3600)")
+    p.add_argument(
+        "--layers", type=int, default=synth.BASE_CONFIG["num_hidden_layers"],
+        help="decoder layers of the synthetic models (default 16, the ~0.95B 1x model; smaller for a smoke test)",
+    )
+    p.add_argument("--keep-outputs", action="store_true", help="do not delete output folders after a section")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a command or a verification failed")
+    p.add_argument("--list", action="store_true", help="list the sections and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for s in SECTIONS.values():
+            print(f"{s.name:10s} {s.title}")
+        return 0
+    names = list(SECTIONS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        print(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    names = [n for n in SECTIONS if n in names]  # registry order
+
+    ctx = Context(args)
+    free = shutil.disk_usage(ctx.work.parent if not ctx.work.exists() else ctx.work).free
+    if free < 15 * GB:
+        print(f"[bench] warning: only {free / GB:.1f} GB free for {ctx.work}", file=sys.stderr)
+
+    out_path = Path(args.out)
+    rendered: Dict[str, str] = {}
+    failed = []
+    for name in names:
+        print(f"[bench] == section {name} ==", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            res = SECTIONS[name].fn(ctx)
+        except Exception as err:  # a broken section must not lose the others' results
+            import traceback
+
+            tb = traceback.format_exc()
+            print(tb, file=sys.stderr)
+            res = SectionResult(title=SECTIONS[name].title, notes=[f"**FAILED**: the section raised `{type(err).__name__}: {err}`", "```\n" + tb[-3000:] + "```"])
+            res.data["verify_failed"] = True
+        if res.failed:
+            failed.append(name)
+        rendered[name] = render_section(name, res, ctx)
+        ctx.results.setdefault("sections", {})[name] = {
+            "date": ctx.started,
+            "machine": ctx.machine,
+            "rows": [{"command": r.command, **r.m.to_dict(), "floor_wall_s": r.floor_wall_s} for r in res.rows],
+            **res.data,
+        }
+        ctx.save_results()
+        # Write after every section so that a long run keeps what it measured.
+        old = out_path.read_text() if out_path.exists() else ""
+        out_path.write_text(merge_document(old, {name: rendered[name]}, header(ctx)))
+        print(f"[bench] section {name} done in {time.perf_counter() - t0:.0f}s → {out_path}", file=sys.stderr, flush=True)
+
+    if failed:
+        print(f"[bench] FAILED in section(s): {', '.join(failed)} (see {out_path})", file=sys.stderr)
+        return 1 if args.strict else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
