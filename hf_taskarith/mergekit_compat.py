@@ -26,6 +26,8 @@ SUPPORTED = {
 BASE_IS_INPUT = {"linear", "slerp"}
 # mergekit's TIES-style methods elect signs on weighted deltas.
 WEIGHTED_ELECTION = {"ties", "dare_ties", "breadcrumbs_ties", "della"}
+# mergekit's registry: only these divide by Σ w_i·mask_i unless the config says otherwise.
+NORMALIZE_DEFAULT_TRUE = {"ties", "della"}
 # Parameters that change nothing in the result (memory or speed switches).
 NO_OP = {"int8_mask"}
 PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "t", "filter_wise"}
@@ -95,9 +97,8 @@ def from_mergekit(config: Dict[str, Any]) -> Dict[str, Any]:
         tasks.insert(0, {"model": base, "weight": 1.0, "parameters": {}})
     if method in WEIGHTED_ELECTION:
         params["weighted_election"] = True
-        params.setdefault("normalize", True)
-    elif method in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"):
-        params.setdefault("normalize", False)
+    if method in WEIGHTED_ELECTION or method in ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear"):
+        params.setdefault("normalize", method in NORMALIZE_DEFAULT_TRUE)
     dtype = config.get("out_dtype") or config.get("dtype")
     tok = config.get("tokenizer_source")
     if tok == "union":

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .engine import LazyTensor, StreamingMerge
 from .errors import RecipeError
-from .methods import METHODS, MethodSpec, get_method
-from .recipe import ParamValue, Recipe, evaluate, layer_position
+from .methods import MethodSpec, align_heads, get_method, group_permutation, hierarchical_weight, permute_heads
+from .recipe import _LAYER, ParamValue, Recipe, evaluate, layer_position
 from .refs import ResolvedModel
 from .task_vector import BaseModel, LeafTaskVector, LoraTaskVector, TaskVector
 
@@ -62,9 +65,15 @@ class MethodMerge(StreamingMerge):
         parameters: Optional[Dict[str, ParamValue]] = None,
         *,
         seed: int = 0,
+        topk_scope: str = "tensor",
         recipe: Optional[Recipe] = None,
     ):
         super().__init__(base)
+        self.topk_scope = topk_scope
+        self._thresholds: Optional[torch.Tensor] = None
+        self._layer_weights: Dict[str, float] = {}
+        self._layer_perms: Dict[str, Optional[torch.Tensor]] = {}
+        self._lock = threading.Lock()
         self.spec: MethodSpec = get_method(method)
         self.tasks = tasks
         self.parameters = dict(parameters or {})
@@ -79,6 +88,105 @@ class MethodMerge(StreamingMerge):
             raise RecipeError(f"method {self.spec.name!r}: got {n} task(s)")
         for task in self.tasks:
             self._touched.update(task.vector.bind(self.base.store, self.base.config))
+        if self.topk_scope == "global":
+            self._thresholds = self._global_thresholds()
+
+    # ------------------------------------------------------------------ global top-k
+    def _task_deltas(self, i: int):
+        """Yield task i's τ for every touched tensor (one pass over that input)."""
+        store = self.base.store
+        for name in sorted(self._touched):
+            if not store.dtype(name).is_floating_point:
+                continue
+            base_t = store.get(name).float()
+            acc = torch.zeros_like(base_t)
+            self.tasks[i].vector.add_delta_(acc, name, 1.0, store, base_t)
+            yield acc
+
+    def _global_thresholds(self) -> torch.Tensor:
+        """Per-task magnitude thresholds of a top-k over the whole model (two passes per task)."""
+        from .global_topk import kth_largest_magnitudes
+
+        store = self.base.store
+        total = sum(math.prod(store.shape(n)) for n in self._touched if store.dtype(n).is_floating_point)
+        rows = []
+        for i, task in enumerate(self.tasks):
+            density = self._scalar_param("density", task)
+            if self.spec.name.startswith("breadcrumbs"):
+                gamma = self._scalar_param("gamma", task)
+                target, n_top = int(density * total), int(gamma * total)
+                n_bot = total - target - n_top
+                if n_bot < 0:
+                    n_top, n_bot = n_top + n_bot, 0
+                lower, upper = kth_largest_magnitudes(lambda i=i: self._task_deltas(i), [total - n_bot, n_top])
+                rows.append([0.0 if density >= 1 else lower, upper if n_top > 0 and density < 1 else float("inf")])
+            else:
+                k = int(density * total)
+                rows.append([0.0 if density >= 1 else kth_largest_magnitudes(lambda i=i: self._task_deltas(i), [k])[0]])
+        logger.info("global top-k thresholds per task: %s", rows)
+        return torch.tensor(rows, dtype=torch.float32).squeeze(-1)
+
+    def _scalar_param(self, key: str, task: MergeTask) -> float:
+        value = task.parameters.get(key, self.parameters.get(key, self.spec.defaults.get(key)))
+        if isinstance(value, list):
+            raise RecipeError(f"field 'parameters.{key}': topk_scope 'global' needs one value per task, not per tensor")
+        return float(value)
+
+    # ------------------------------------------------------------------ layer scope (hierarchical)
+    def _layer_of(self, name: str) -> str:
+        m = _LAYER.search("." + name)
+        return m.group(0) if m else name
+
+    def _layer_state(self, layer: str) -> Tuple[float, Optional[torch.Tensor]]:
+        """(w_l, head permutation of model B) for one layer, computed once from all its tensors."""
+        with self._lock:
+            if layer not in self._layer_weights:
+                names = [n for n in sorted(self._touched) if self._layer_of(n) == layer]
+                perm = self._align(names) if self.params_for(names[0]).get("align_heads") else None
+                a_list, b_list = [], []
+                for n in names:
+                    d = self._deltas(n, self.base.store.get(n).float(), perm)
+                    a_list.append(d[0])
+                    b_list.append(d[1])
+                self._layer_weights[layer] = hierarchical_weight(a_list, b_list)
+                self._layer_perms[layer] = perm
+            return self._layer_weights[layer], self._layer_perms[layer]
+
+    def _align(self, names: List[str]) -> Optional[torch.Tensor]:
+        proj = {}
+        for n in names:
+            m = re.search(r"\.(q|k|v|o)_proj\.weight$", n)
+            if m:
+                proj[m.group(1)] = n
+        if set(proj) != {"q", "k", "v", "o"}:
+            return None  # not an attention layer with separate q/k/v/o projections
+        heads = int(self.base.config.get("num_attention_heads"))
+        kv = int(self.base.config.get("num_key_value_heads") or heads)
+        thetas = {}
+        for key, n in proj.items():
+            base_t = self.base.store.get(n).float()
+            pair = []
+            for task in self.tasks:
+                acc = base_t.clone()
+                task.vector.add_delta_(acc, n, 1.0, self.base.store, base_t)
+                pair.append(acc)
+            thetas[key] = pair
+        return align_heads(
+            thetas["q"][0], thetas["q"][1], heads, k_a=thetas["k"][0], k_b=thetas["k"][1],
+            v_a=thetas["v"][0], v_b=thetas["v"][1], o_a=thetas["o"][0], o_b=thetas["o"][1], num_kv_heads=kv,
+        )
+
+    def _permute_b(self, name: str, theta_b: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        heads = int(self.base.config.get("num_attention_heads"))
+        kv = int(self.base.config.get("num_key_value_heads") or heads)
+        m = re.search(r"\.(q|k|v|o)_proj\.(weight|bias)$", name)
+        if not m:
+            return theta_b
+        if m.group(1) == "q":
+            return permute_heads(theta_b, perm, heads, 0)
+        if m.group(1) in ("k", "v"):
+            return permute_heads(theta_b, group_permutation(perm, heads, kv), kv, 0)
+        return permute_heads(theta_b, perm, heads, 1) if m.group(2) == "weight" else theta_b
 
     def inputs(self) -> List[ResolvedModel]:
         return [t.vector.source for t in self.tasks if t.vector.source is not None]
@@ -119,14 +227,17 @@ class MethodMerge(StreamingMerge):
         base_tensor = base.get()
         if name not in self._touched:
             return base_tensor
-        store = self.base.store
         t = layer_position(name, self.num_layers)
-        deltas = torch.zeros((len(self.tasks), *base_tensor.shape), dtype=torch.float32, device=base_tensor.device)
-        for i, task in enumerate(self.tasks):
-            task.vector.add_delta_(deltas[i], name, 1.0, store, base_tensor)
+        if self.spec.scope == "layer":
+            w_l, perm = self._layer_state(self._layer_of(name))
+            d = self._deltas(name, base_tensor, perm)
+            return base_tensor.add_(d[0], alpha=1.0 - w_l).add_(d[1], alpha=w_l)
+        deltas = self._deltas(name, base_tensor)
         weights = torch.tensor([float(evaluate(task.weight, name, t)) for task in self.tasks], device=base_tensor.device)
         params = self.params_for(name)
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in params.items()}
+        if self._thresholds is not None:
+            kwargs["thresholds"] = self._thresholds.to(base_tensor.device)
         if self.spec.stochastic:
             gen = torch.Generator(device=base_tensor.device)
             gen.manual_seed(tensor_seed(self.seed, name))
@@ -134,6 +245,18 @@ class MethodMerge(StreamingMerge):
         merged_delta = self.spec.fn(deltas, weights, base_tensor, **kwargs)
         del deltas
         return base_tensor.add_(merged_delta)
+
+
+    def _deltas(self, name: str, base_tensor: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(T, *shape) stack of τ_i for one tensor (model B's heads permuted when aligning)."""
+        store = self.base.store
+        deltas = torch.zeros((len(self.tasks), *base_tensor.shape), dtype=torch.float32, device=base_tensor.device)
+        for i, task in enumerate(self.tasks):
+            task.vector.add_delta_(deltas[i], name, 1.0, store, base_tensor)
+        if perm is not None:
+            theta_b = self._permute_b(name, deltas[1] + base_tensor, perm)
+            deltas[1] = theta_b - base_tensor
+        return deltas
 
 
 def build_merge(recipe: Recipe, *, token: Union[str, bool, None] = None) -> StreamingMerge:
@@ -156,7 +279,9 @@ def build_merge(recipe: Recipe, *, token: Union[str, bool, None] = None) -> Stre
         else:
             vector = TaskVector.from_adapter(task.adapter, token=token)
         tasks.append(MergeTask(vector=vector, weight=task.weight, parameters=task.parameters))
-    return MethodMerge(base, recipe.method, tasks, recipe.parameters, seed=recipe.seed, recipe=recipe)
+    return MethodMerge(
+        base, recipe.method, tasks, recipe.parameters, seed=recipe.seed, topk_scope=recipe.topk_scope, recipe=recipe
+    )
 
 
 def run_recipe(

@@ -35,6 +35,8 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from .errors import RecipeError
 
 Scalar = Union[bool, int, float, str]
+# Trim-based methods that can select their top-k over the whole model (two extra passes).
+GLOBAL_TOPK_METHODS = {"ties", "magnitude_prune", "breadcrumbs", "breadcrumbs_ties"}
 
 
 class Conditional(Schema):
@@ -107,6 +109,7 @@ class Recipe(Schema):
     dtype: Optional[Literal["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]] = None
     seed: int = 0
     tokenizer_source: Optional[str] = None
+    topk_scope: Literal["tensor", "global"] = "tensor"
     output: OutputSpec = Field(default_factory=OutputSpec)
     source_format: Literal["native", "mergekit"] = "native"
 
@@ -121,6 +124,12 @@ class Recipe(Schema):
 
     @model_validator(mode="after")
     def _check_method(self) -> "Recipe":
+        try:
+            return self._check_method_inner()
+        except RecipeError as err:
+            raise ValueError(str(err)) from None
+
+    def _check_method_inner(self) -> "Recipe":
         from .methods import get_method, validate_params
 
         spec = get_method(self.method)
@@ -130,11 +139,16 @@ class Recipe(Schema):
         if spec.min_tasks and n < spec.min_tasks or spec.max_tasks and n > spec.max_tasks:
             want = spec.min_tasks if spec.min_tasks == spec.max_tasks else f"{spec.min_tasks}..{spec.max_tasks or 'any'}"
             raise ValueError(f"method {self.method!r} takes {want} task(s), got {n}")
-        for name, value in self.parameters.items():
-            _check_param(self.method, name, value, validate_params)
-        for task in self.tasks:
-            for name, value in task.parameters.items():
+        for params in [self.parameters] + [t.parameters for t in self.tasks]:
+            for name, value in params.items():
                 _check_param(self.method, name, value, validate_params)
+            combined = {**self.parameters, **params}
+            if all(not isinstance(v, list) for v in combined.values()):
+                validate_params(self.method, combined)  # cross-field checks (e.g. DELLA's epsilon)
+        if self.topk_scope == "global" and self.method not in GLOBAL_TOPK_METHODS:
+            raise ValueError(
+                f"topk_scope 'global' applies to {', '.join(sorted(GLOBAL_TOPK_METHODS))}, not {self.method!r}"
+            )
         return self
 
     def to_yaml(self) -> str:
