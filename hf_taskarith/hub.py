@@ -15,6 +15,35 @@ class PushError(TaskArithError):
     """A push to the Hub failed; the remote repo was left as it was."""
 
 
+RETRY_STATUS = {500, 502, 503, 504}
+RETRY_DELAYS = (1.0, 2.0, 4.0)
+
+
+def _with_retries(upload):
+    """Retry a whole commit on transient 5xx / connection errors.
+
+    huggingface_hub retries preupload calls (``http_backoff``) but posts the commit once; a failed
+    commit stores nothing on the Hub, so sending it again is safe.
+    """
+    import time
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+        try:
+            return upload()
+        except HfHubHTTPError as err:
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            if delay is None or status not in RETRY_STATUS:
+                raise
+            logger.warning("Hub answered HTTP %s; retrying the commit in %.0fs (attempt %d)", status, delay, attempt + 2)
+        except (ConnectionError, OSError) as err:
+            if delay is None:
+                raise
+            logger.warning("connection error (%s); retrying the commit in %.0fs", type(err).__name__, delay)
+        time.sleep(delay)
+
+
 def push_folder(
     folder: Union[str, Path],
     repo_id: str,
@@ -57,12 +86,14 @@ def push_folder(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload merge made with hf_taskarith",
+        info = _with_retries(
+            lambda: api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or "Upload merge made with hf_taskarith",
+            )
         )
     except RepositoryNotFoundError:
         raise PushError(f"{repo_id}: repository not found, or your token cannot see it (check the namespace and HF_TOKEN)") from None

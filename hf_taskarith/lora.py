@@ -105,7 +105,8 @@ class LoraAdapter:
 
     @classmethod
     def build(cls, config: Dict[str, Any], weights: TensorStore, label: str) -> "LoraAdapter":
-        peft_type = str(config.get("peft_type", "")).upper()
+        peft_type = getattr(config.get("peft_type"), "value", config.get("peft_type"))  # enum in live configs
+        peft_type = str(peft_type or "").upper()
         if peft_type != "LORA":
             raise UnsupportedAdapterError(
                 f"{label}: peft_type {config.get('peft_type')!r} is not supported; only LoRA adapters "
