@@ -9,6 +9,7 @@ by absolute path, and nothing here ever sees a token.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -64,6 +65,8 @@ def build_model_card(
 
     method = description.get("method", "task_arithmetic")
     paper = description.get("paper") or TA_PAPER
+    # "arXiv:2306.01708" / "arXiv 2306.01708" -> a link to the paper
+    paper = re.sub(r"arXiv[: ]?(\d{4}\.\d{4,5})", r"[arXiv:\1](https://arxiv.org/abs/\1)", paper)
     hub_inputs = [r for r in [base_repo_id, *input_repo_ids] if r]
     licenses = {_input_license(p) for p in [base_path, *input_paths]}
     license_ = licenses.pop() if len(licenses) == 1 else None
