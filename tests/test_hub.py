@@ -124,3 +124,25 @@ def test_recipe_push_to_hub(zoo, hub_server, tmp_path):
     assert "model.safetensors" in files and "README.md" in files
     card = files["README.md"].decode()
     assert "ties" in card and "arxiv.org" in card.lower() and str(tmp_path) not in card
+
+
+def test_pull_private_repo_with_token_pins_sha_and_downloads_minimal_files(zoo, hub_server, monkeypatch):
+    from hf_taskarith import ModelReferenceError, resolve
+
+    files = {p.name: p.read_bytes() for p in zoo["llama_ft_a"].iterdir() if p.is_file()}
+    files["training_args.bin"] = b"not needed by a merge"
+    files["optimizer.pt"] = b"not needed either"
+    sha = hub_server.add_repo("gina/private-ft", files, private=True)
+    resolved = resolve("gina/private-ft")  # HF_TOKEN is set by the fixture
+    assert resolved.commit_sha == sha
+    assert {p.name for p in resolved.path.iterdir()} == set(files) - {"training_args.bin", "optimizer.pt"}
+    assert resolve(f"gina/private-ft@{sha}").commit_sha == sha
+    tv = TaskVector.from_models(zoo["llama_base"], "gina/private-ft")
+    assert tv.source.commit_sha == sha
+    monkeypatch.delenv("HF_TOKEN")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(Path(c.HF_HUB_CACHE).parent / "empty-cache"))
+    with pytest.raises(ModelReferenceError, match="private") as err:
+        resolve("gina/private-ft", cache_dir=Path(c.HF_HUB_CACHE))
+    assert hub_server.token not in str(err.value)
