@@ -87,6 +87,18 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extract_lora(args: argparse.Namespace) -> int:
+    from .engine import parse_dtype
+    from .extract_lora import extract_lora
+
+    out = extract_lora(
+        args.base, args.model, args.out, rank=args.rank, energy=args.energy,
+        include_embeddings=args.embeddings, dtype=parse_dtype(args.dtype), overwrite=args.overwrite,
+    )
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-taskarith", description="Model merging by task arithmetic.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -131,12 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead")
     p.add_argument("--commit-message", default=None, help="commit summary")
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("extract-lora", help="turn a full finetune into a PEFT LoRA adapter (truncated SVD per module)")
+    p.add_argument("--base", required=True, help="base model reference")
+    p.add_argument("--model", required=True, help="full finetune reference")
+    p.add_argument("--rank", type=int, default=None, help="rank per module (default 16 unless --energy)")
+    p.add_argument("--energy", type=float, default=None, help="per-module rank keeping this fraction of Σ S² (rank_pattern)")
+    p.add_argument("--embeddings", action="store_true", help="also factor embedding matrices")
+    p.add_argument("--dtype", default=None, help="adapter dtype (default float32)")
+    p.add_argument("--out", required=True, help="output adapter folder")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_extract_lora)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is _cmd_extract_lora and args.rank is None and args.energy is None:
+        args.rank = 16
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
