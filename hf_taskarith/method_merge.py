@@ -298,6 +298,8 @@ def run_recipe(
     Returns:
         The output folder.
     """
+    if recipe.output.format == "adapter":
+        return _run_adapter_recipe(recipe, out_dir, overwrite=overwrite, token=token)
     merge = build_merge(recipe, token=token)
     out = merge.save_pretrained(
         out_dir,
@@ -314,4 +316,43 @@ def run_recipe(
             push.repo_id, private=push.private, revision=push.revision, create_pr=push.create_pr,
             commit_message=push.commit_message, token=token,
         )
+    return out
+
+
+def build_adapter_merge(recipe: Recipe, *, token: Union[str, bool, None] = None):
+    """The :class:`~hf_taskarith.adapter_merge.AdapterMerge` of a recipe with ``output.format: adapter``."""
+    from .adapter_merge import AdapterInput, AdapterMerge
+
+    if recipe.base is None:
+        raise RecipeError("field 'base': adapter output needs the base model the adapters were trained on")
+    models = [t.model for t in recipe.tasks if t.model is not None]
+    if models:
+        raise RecipeError(
+            f"field 'tasks': adapter output takes adapters only; {models[0]!r} is a full finetune "
+            "(turn it into an adapter first: hf-taskarith extract-lora --base BASE --model MODEL --out DIR)"
+        )
+    base = BaseModel(recipe.base, token=token)
+    inputs = []
+    for task in recipe.tasks:
+        if not isinstance(task.weight, (int, float)):
+            raise RecipeError("field 'tasks.weight': adapter output needs one number per adapter")
+        inputs.append(AdapterInput(TaskVector.from_adapter(task.adapter, token=token), float(task.weight)))
+    out = recipe.output
+    return AdapterMerge(
+        base, inputs, mode=out.mode or "exact", rank=out.rank, energy=out.energy,
+        method=recipe.method, parameters=recipe.parameters, seed=recipe.seed,
+    )
+
+
+def _run_adapter_recipe(recipe: Recipe, out_dir, *, overwrite: bool, token) -> Path:
+    from .engine import parse_dtype
+
+    merge = build_adapter_merge(recipe, token=token)
+    out = merge.save_pretrained(out_dir, dtype=parse_dtype(recipe.dtype), overwrite=overwrite)
+    if recipe.output.push_to_hub is not None:
+        from .hub import push_folder
+
+        push = recipe.output.push_to_hub
+        push_folder(out, push.repo_id, private=push.private, revision=push.revision, create_pr=push.create_pr,
+                    commit_message=push.commit_message, token=token)
     return out
