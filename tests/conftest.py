@@ -1,8 +1,9 @@
-"""Test session set-up: offline, a private HF_HOME, and the tiny model zoo."""
+"""Test session set-up: a private HF_HOME, quiet tokenizers, seeded torch, and the tiny model zoo."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -10,31 +11,60 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import zoo`, `import hub_server`
 
-# Before huggingface_hub / transformers are imported by any test module: a private cache, no network.
-_HF_HOME = tempfile.mkdtemp(prefix="hf_taskarith-hf-home-")
-os.environ["HF_HOME"] = _HF_HOME
-os.environ.pop("HF_HUB_CACHE", None)
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.pop("HF_TOKEN", None)
+_HF_HOME: str | None = None
 
 
 def pytest_configure(config):
+    """Runs before any test module is imported, so huggingface_hub reads these at its import time."""
+    global _HF_HOME
+    _HF_HOME = tempfile.mkdtemp(prefix="hf_taskarith-hf-home-")
+    os.environ["HF_HOME"] = _HF_HOME
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        os.environ.pop(var, None)  # nothing from the developer's own cache or account leaks in
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    """name -> folder of the tiny models (see tests/zoo.py). HF_TASKARITH_ZOO_CACHE reuses a folder."""
+def pytest_unconfigure(config):
+    if _HF_HOME:
+        shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    """Two threads at most: the tests' tensors are tiny and the CI boxes have two cores."""
     import torch
 
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_home() -> Path:
+    """The session's private HF_HOME (a temp dir, removed at the end)."""
+    return Path(os.environ["HF_HOME"])
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """name -> folder of the tiny models (see tests/zoo.py). HF_TASKARITH_ZOO_CACHE reuses a folder across runs."""
     from zoo import build_zoo
 
-    torch.set_num_threads(2)
     cache = os.environ.get("HF_TASKARITH_ZOO_CACHE")
     root = Path(cache) if cache else tmp_path_factory.mktemp("zoo")
     return build_zoo(root)
