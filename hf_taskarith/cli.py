@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output adapter folder")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_extract_lora)
+
+    from .cli_eval import add_eval_commands
+
+    add_eval_commands(sub)
     return parser
 
 
