@@ -81,6 +81,8 @@ class SectionResult:
     notes: List[str] = field(default_factory=list)
     data: dict = field(default_factory=dict)  # extra raw results for results.json
     legend: Dict[str, str] = field(default_factory=dict)  # placeholder → meaning
+    table: Optional[List[str]] = None  # markdown lines replacing the default table of ``rows``
+    runs_text: Optional[str] = None  # replaces "median of N runs" in the section's header line
 
     @property
     def failed(self) -> bool:
@@ -90,9 +92,10 @@ class SectionResult:
 def render_section(name: str, res: SectionResult, ctx: "Context") -> str:
     """Markdown for one section, markers included."""
     out = [f"<!-- section:{name} -->", f"## {res.title}", ""]
+    runs = res.runs_text or f"median of {ctx.repeats} run{'s' if ctx.repeats != 1 else ''}"
     out.append(
         f"_Measured {ctx.started} on {ctx.machine['summary']}; git {ctx.machine['git']}; "
-        f"median of {ctx.repeats} run{'s' if ctx.repeats != 1 else ''} after an untimed read of the inputs (warm page cache). "
+        f"{runs} after an untimed read of the inputs (warm page cache). "
         f"Rerun: `{ctx.rerun_command(name)}`._"
     )
     out.append("")
@@ -101,7 +104,9 @@ def render_section(name: str, res: SectionResult, ctx: "Context") -> str:
     if res.legend:
         out.append("; ".join(f"`{k}` = {v}" for k, v in res.legend.items()) + ".")
         out.append("")
-    if res.rows:
+    if res.table is not None:
+        out += [*res.table, ""]
+    elif res.rows:
         out.append("| Command | Median wall (s) | Peak RSS (GB) | Wall / floor |")
         out.append("|---|---:|---:|---:|")
         out += ["| " + " | ".join(r.cells()) + " |" for r in res.rows]
@@ -263,14 +268,16 @@ class Context:
         }
 
     # ---- running
-    def measure(self, cmd: Sequence[str], warm: Sequence[Path], section: str) -> _measure.Measurement:
-        """``measure.measure`` with the harness defaults: repeats, fresh output folder before each
-        run, offline HF env, per-run timeout."""
+    def measure(
+        self, cmd: Sequence[str], warm: Sequence[Path], section: str, repeats: Optional[int] = None
+    ) -> _measure.Measurement:
+        """``measure.measure`` with the harness defaults: repeats (``--repeats`` unless given), fresh
+        output folder before each run, offline HF env, per-run timeout."""
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         print(f"[bench] {self.display(cmd)}", file=sys.stderr, flush=True)
         m = _measure.measure(
             cmd,
-            repeats=self.repeats,
+            repeats=self.repeats if repeats is None else repeats,
             warm_paths=warm,
             before_each=lambda: self.clean_output(section),
             env=env,
@@ -553,6 +560,358 @@ def section_apply(ctx: Context) -> SectionResult:
     return res
 
 
+# --------------------------------------------------------------------------- methods vs mergekit
+
+#: mergekit's version the ``methods`` section compares against (and installs when none is found).
+MERGEKIT_VERSION = "0.1.5"
+METHOD_WEIGHTS = (0.5, 0.3, 0.2)
+METHOD_DENSITY = 0.2
+#: (method, density or None); the order of the table.
+METHODS_COMPARED = (("task_arithmetic", None), ("ties", METHOD_DENSITY), ("dare_ties", METHOD_DENSITY))
+#: Targets from the issue tracker: ours / mergekit wall time (and RSS for task_arithmetic).
+WALL_TARGETS = {"task_arithmetic": 0.4, "ties": 0.1, "dare_ties": 0.2}
+RSS_RATIO_TARGETS = {"task_arithmetic": 0.4}
+RSS_TARGET_GB = 2.0
+TIES_OVER_TA_TARGET = 3.0
+#: Deterministic methods: an element matches when |ours − mergekit| ≤ MATCH_ULPS bf16 ulps at the
+#: inputs' magnitude; the section verifies when at least MATCH_FRACTION of all elements do.
+MATCH_ULPS = 4
+MATCH_FRACTION = 0.999
+#: dare_ties: mean |merged − base| of ours within this relative distance of mergekit's.
+DARE_MEAN_TOL = 0.10
+
+
+def mergekit_yaml(ctx: Context) -> Tuple[Optional[Path], str]:
+    """The ``mergekit-yaml`` to compare against, and where it comes from.
+
+    ``.venv-mergekit`` (built by ``make test``; used once its ``.installed`` stamp exists), else
+    ``bench_work/mk``, else ``bench_work/mk`` is created now (``python3 -m venv`` + pip install
+    torch==2.13.0 and mergekit==0.1.5; log in ``bench_work/mk-install.log``). (None, why) when that fails.
+    """
+    repo_venv = REPO / ".venv-mergekit"
+    if (repo_venv / "bin" / "mergekit-yaml").exists() and (repo_venv / ".installed").exists():
+        return repo_venv / "bin" / "mergekit-yaml", "`.venv-mergekit`"
+    mk = ctx.work / "mk"
+    exe = mk / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe, "`bench_work/mk`"
+    log = ctx.work / "mk-install.log"
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] installing mergekit {MERGEKIT_VERSION} into {mk} (log: {log})", file=sys.stderr, flush=True)
+    py = str(mk / "bin" / "python")
+    with open(log, "w") as fh:
+        steps = [
+            [shutil.which("python3") or sys.executable, "-m", "venv", str(mk)],
+            [py, "-m", "pip", "install", "-q", "torch==2.13.0"],
+            [py, "-m", "pip", "install", "-q", f"mergekit=={MERGEKIT_VERSION}"],
+        ]
+        for step in steps:
+            rc = subprocess.run(step, stdout=fh, stderr=subprocess.STDOUT).returncode
+            if rc != 0 and "torch==2.13.0" in step:  # no such wheel here: let pip choose
+                rc = subprocess.run([py, "-m", "pip", "install", "-q", "torch"], stdout=fh, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                return None, f"installing mergekit failed at `{' '.join(step[-3:])}` (see {log})"
+    return (exe, "`bench_work/mk` (installed by this run)") if exe.exists() else (None, f"no mergekit-yaml after install (see {log})")
+
+
+def _pkg_versions(python: Path) -> str:
+    code = "import importlib.metadata as m; print('mergekit', m.version('mergekit') + ', torch', m.version('torch'))"
+    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else "versions unknown"
+
+
+def mergekit_config(method: str, base: Path, fts: Sequence[Path], weights: Sequence[float], density: Optional[float]) -> str:
+    """One mergekit YAML config, run unchanged by both tools."""
+    lines = ["models:"]
+    for ft, w in zip(fts, weights):
+        lines += [f"  - model: {ft}", "    parameters:", f"      weight: {w}"]
+        if density is not None:
+            lines.append(f"      density: {density}")
+    lines += [f"base_model: {base}", f"merge_method: {method}", "dtype: bfloat16", ""]
+    return "\n".join(lines)
+
+
+def measure_adaptive(ctx: Context, cmd: Sequence[str], warm: Sequence[Path], key: str) -> _measure.Measurement:
+    """One run; then up to ``--repeats`` in all, or ``--repeats-slow`` in all when the first run took
+    longer than ``--slow-s`` (mergekit's TIES takes minutes)."""
+    m = ctx.measure(cmd, warm, key, repeats=1)
+    if not m.ok:
+        return m
+    slow = m.runs[0].wall_s > ctx.args.slow_s
+    total = max(1, min(ctx.repeats, ctx.args.repeats_slow) if slow else ctx.repeats)
+    if total > 1:
+        if slow:
+            print(f"[bench]   first run > {ctx.args.slow_s:.0f}s: {total} runs in all (--repeats-slow)", file=sys.stderr)
+        more = ctx.measure(cmd, warm, key, repeats=total - 1)
+        m.runs += more.runs
+        m.error = more.error
+    return m
+
+
+def compare_merges(
+    base: Path, fts: Sequence[Path], ours: Path, theirs: Path, ulps: int = MATCH_ULPS, density: Optional[float] = None
+) -> dict:
+    """Compare two merged checkpoints on every tensor.
+
+    Names, shapes and dtypes; max |ours − theirs|; the fraction of bit-identical elements and of
+    elements within ``ulps`` bf16 ulps at the inputs' magnitude (max over base and finetunes of
+    |x|; an ulp of bf16 at |x| = 2^(e−8) for |x| = m·2^e, 0.5 ≤ m < 1); mean |merged − base| of each.
+
+    With ``density`` (a top-k trim keeping k = int(density·n) entries of each τ_i), also counts the
+    elements where some |τ_i| equals its k-th largest magnitude: both tools keep exactly k entries,
+    but break ties at the threshold differently (lowest index vs. ``argsort`` order), and the
+    synthetic deltas take few distinct values, so such elements may legitimately differ; the
+    agreement is reported on the other elements too.
+    """
+    import torch
+
+    bf, of, tf = tensor_files(base), tensor_files(ours), tensor_files(theirs)
+    ftf = [tensor_files(f) for f in fts]
+    oh, th = _header(of), _header(tf)
+    res = {
+        "missing_ours": sorted(set(bf) - set(of)), "missing_theirs": sorted(set(bf) - set(tf)),
+        "extra_ours": sorted(set(of) - set(bf)), "extra_theirs": sorted(set(tf) - set(bf)),
+        "shape_or_dtype_mismatch": [], "n_tensors": 0, "n_elements": 0, "max_abs_diff": 0.0,
+        "max_abs_diff_tensor": None, "bit_identical": 0, "within_tol": 0, "worst_within": (1.0, None),
+        "tied": 0, "within_tol_untied": 0,
+        "sum_abs_delta_ours": 0.0, "sum_abs_delta_theirs": 0.0, "dtypes": sorted({v[1] for v in oh.values()} | {v[1] for v in th.values()}),
+    }
+    for name in [k for k in bf if k in of and k in tf]:
+        if oh[name] != th[name]:
+            res["shape_or_dtype_mismatch"].append(f"{name}: ours {oh[name]}, mergekit {th[name]}")
+            continue
+        b = _load(bf, name)
+        mag = b.float().abs()
+        for files in ftf:
+            torch.maximum(mag, _load(files, name).float().abs(), out=mag)
+        o, t = _load(of, name), _load(tf, name)
+        n = o.numel()
+        res["bit_identical"] += int((o == t).sum())
+        of32, tf32, bf32 = o.float(), t.float(), b.float()
+        res["sum_abs_delta_ours"] += float((of32 - bf32).abs().sum(dtype=torch.float64))
+        res["sum_abs_delta_theirs"] += float((tf32 - bf32).abs().sum(dtype=torch.float64))
+        diff = of32.sub_(tf32).abs_()
+        del tf32, bf32
+        mx = float(diff.max()) if n else 0.0
+        if mx > res["max_abs_diff"]:
+            res["max_abs_diff"], res["max_abs_diff_tensor"] = mx, name
+        _, exp = torch.frexp(mag.clamp_(min=torch.finfo(torch.bfloat16).tiny))
+        tol = torch.ldexp(torch.full_like(mag, float(ulps)), exp - 8)
+        ok_el = diff <= tol
+        within = int(ok_el.sum())
+        res["within_tol"] += within
+        if density is not None and n:
+            k = max(1, int(density * n))
+            tied = torch.zeros(b.shape, dtype=torch.bool)
+            for files in ftf:
+                tau = _load(files, name).float().sub_(b.float()).abs_().reshape(-1)
+                thr = torch.kthvalue(tau, n - k + 1).values
+                tied |= (tau == thr).view(b.shape)
+                del tau
+            res["tied"] += int(tied.sum())
+            res["within_tol_untied"] += int((ok_el & ~tied).sum())
+            del tied
+        if n and within / n < res["worst_within"][0]:
+            res["worst_within"] = (within / n, name)
+        res["n_tensors"] += 1
+        res["n_elements"] += n
+        del b, mag, o, t, diff, tol, exp, ok_el
+    return res
+
+
+def _fmt_s(m: _measure.Measurement) -> str:
+    return f"{m.median_wall_s:.1f}" if m.ok else "**FAILED**"
+
+
+def _fmt_gb(m: _measure.Measurement) -> str:
+    return f"{m.peak_rss_bytes / GB:.2f}" if m.ok else "—"
+
+
+def _pass(ok: Optional[bool]) -> str:
+    return "n/a" if ok is None else ("**PASS**" if ok else "**MISS**")
+
+
+@section("methods", f"Merge methods vs mergekit {MERGEKIT_VERSION}")
+def section_methods(ctx: Context) -> SectionResult:
+    """task_arithmetic, ties and dare_ties from one mergekit YAML config each, run unchanged by
+    ``mergekit-yaml`` and ``hf-taskarith merge``: wall time, peak RSS, and output agreement."""
+    t_section = time.perf_counter()
+    base, fts = ctx.suite()
+    floor = ctx.floor()
+    warm = [base, *fts]
+    res = SectionResult(title=SECTIONS["methods"].title, legend=ctx.model_legend())
+    mk_exe, mk_from = mergekit_yaml(ctx)
+    cfg_dir = ctx.work / "configs"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    ours_exe = ctx.bin / "hf-taskarith"
+    per: Dict[str, dict] = {}
+    verify_failed = False
+    verify_lines: List[str] = []
+    for method, density in METHODS_COMPARED:
+        cfg = cfg_dir / f"{method}.yml"
+        cfg.write_text(mergekit_config(method, base, fts, METHOD_WEIGHTS, density))
+        ctx._placeholders[str(cfg)] = f"{method}.yml"
+        out_ours = ctx.output("methods/ours", method)
+        out_mk = ctx.output("methods/mergekit", method)
+        cmd_ours = [str(ours_exe), "-q", "merge", str(cfg), "--out", str(out_ours), "--overwrite"]
+        m_ours = measure_adaptive(ctx, cmd_ours, warm, "methods/ours")
+        res.rows.append(Row(ctx.display(cmd_ours), m_ours, floor, note=f"ours, {method}"))
+        if mk_exe is not None:
+            cmd_mk = [str(mk_exe), str(cfg), str(out_mk), "--no-copy-tokenizer", "--quiet"]
+            m_mk = measure_adaptive(ctx, cmd_mk, warm, "methods/mergekit")
+        else:
+            cmd_mk = ["mergekit-yaml", str(cfg), str(out_mk), "--no-copy-tokenizer", "--quiet"]
+            m_mk = _measure.Measurement(cmd=cmd_mk, error=f"mergekit unavailable: {mk_from}")
+        res.rows.append(Row(ctx.display(cmd_mk), m_mk, floor, note=f"mergekit, {method}"))
+        per[method] = {"ours": m_ours, "mk": m_mk, "cmd_ours": ctx.display(cmd_ours), "cmd_mk": ctx.display(cmd_mk)}
+        if m_ours.ok and m_mk.ok:
+            print(f"[bench] comparing {method} outputs (all tensors)", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            c = compare_merges(base, fts, out_ours, out_mk, density=density if method == "ties" else None)
+            per[method]["compare"] = c
+            per[method]["compare_s"] = time.perf_counter() - t0
+            ok, line = _verdict(method, c)
+            verify_failed |= not ok
+            verify_lines.append(line)
+        if not ctx.args.keep_outputs:
+            shutil.rmtree(ctx.out_dir / "methods", ignore_errors=True)
+
+    # ---- timing table
+    ta = per["task_arithmetic"]["ours"]
+    table = [
+        "| Method | Ours wall (s) | Ours peak RSS (GB) | mergekit wall (s) | mergekit peak RSS (GB) "
+        "| Wall ours / mergekit | RSS ours / mergekit | Ours wall / floor | Ours wall / ours task_arithmetic | Runs (ours / mergekit) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    targets: List[Tuple[str, str, Optional[bool]]] = []
+    summary = {}
+    for method, _ in METHODS_COMPARED:
+        o, k = per[method]["ours"], per[method]["mk"]
+        both = o.ok and k.ok
+        wr = o.median_wall_s / k.median_wall_s if both else None
+        rr = o.peak_rss_bytes / k.peak_rss_bytes if both else None
+        fl = o.median_wall_s / floor if o.ok and floor else None
+        vs_ta = o.median_wall_s / ta.median_wall_s if o.ok and ta.ok else None
+        summary[method] = {"wall_ratio": wr, "rss_ratio": rr, "wall_over_floor": fl, "wall_over_ours_ta": vs_ta}
+        f2 = lambda x, d=2: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+        table.append(
+            f"| `{method}` | {_fmt_s(o)} | {_fmt_gb(o)} | {_fmt_s(k)} | {_fmt_gb(k)} | {f2(wr, 3)} | {f2(rr)} "
+            f"| {f2(fl)} | {f2(vs_ta)} | {len(o.runs)} / {len(k.runs)} |"
+        )
+        if method in WALL_TARGETS:
+            t = WALL_TARGETS[method]
+            targets.append((f"`{method}` wall ≤ {t}× mergekit", "—" if wr is None else f"{wr:.3f}×", None if wr is None else wr <= t))
+        if method in RSS_RATIO_TARGETS:
+            t = RSS_RATIO_TARGETS[method]
+            targets.append((f"`{method}` peak RSS ≤ {t}× mergekit", "—" if rr is None else f"{rr:.2f}×", None if rr is None else rr <= t))
+    for method, _ in METHODS_COMPARED:
+        o = per[method]["ours"]
+        targets.append(
+            (f"`{method}` ours peak RSS ≤ {RSS_TARGET_GB:g} GB", _fmt_gb(o) + " GB" if o.ok else "—",
+             None if not o.ok else o.peak_rss_bytes / GB <= RSS_TARGET_GB)
+        )
+    v = summary["ties"]["wall_over_ours_ta"]
+    targets.append((f"ours `ties` wall ≤ {TIES_OVER_TA_TARGET:g}× ours `task_arithmetic`", "—" if v is None else f"{v:.2f}×",
+                    None if v is None else v <= TIES_OVER_TA_TARGET))
+    table += ["", "| Target (issue tracker) | Measured | Result |", "|---|---:|---|"]
+    table += [f"| {name} | {val} | {_pass(ok)} |" for name, val, ok in targets]
+    res.table = table
+
+    res.runs_text = (
+        f"median of up to {ctx.repeats} runs per command ({ctx.args.repeats_slow} when the first run exceeds "
+        f"{ctx.args.slow_s:.0f} s; counts in the table)"
+    )
+    example = (cfg_dir / "ties.yml").read_text()
+    for ph in sorted(ctx._placeholders, key=len, reverse=True):
+        example = example.replace(ph, ctx._placeholders[ph])
+    cmd_o, cmd_k = per["ties"]["cmd_ours"], per["ties"]["cmd_mk"]
+    res.intro = (
+        f"One mergekit YAML config per method — the 3 finetunes with weights {', '.join(map(str, METHOD_WEIGHTS))}"
+        f" (and `density: {METHOD_DENSITY}` for `ties` and `dare_ties`), `base_model: BASE`, `dtype: bfloat16`, "
+        "no other parameters — run unchanged by both tools:\n\n"
+        f"- ours: `{cmd_o}`\n- mergekit {MERGEKIT_VERSION} ({mk_from}"
+        + (f"; {_pkg_versions(mk_exe.parent / 'python')}" if mk_exe else "")
+        + f"): `{cmd_k}` (its defaults otherwise: CPU, no `--lazy-unpickle`, 5B-parameter shards)\n\n"
+        "Both write one bf16 safetensors model; the output folder is deleted (untimed) before each run. "
+        f"Config for `ties` (the others differ in `merge_method` and, for `task_arithmetic`, have no `density`):\n\n"
+        f"```yaml\n{example.rstrip()}\n```"
+    )
+    if floor is None:
+        res.notes.append("The IO floor could not be measured, so there is no floor ratio.")
+    if verify_lines:
+        res.notes.append(
+            "Output agreement, every tensor of the model. `task_arithmetic` and `ties` are deterministic; "
+            f"an element matches when |ours − mergekit| ≤ {MATCH_ULPS} bf16 ulps at the inputs' magnitude "
+            "(max |x| over base and finetunes; mergekit does its arithmetic in bf16, we do it in fp32 and round once), "
+            f"and the method verifies when ≥ {MATCH_FRACTION:.1%} of the elements match. For `ties` that fraction "
+            "is taken over the elements where no |τᵢ| equals its tensor's top-k threshold: both tools keep exactly "
+            "k = int(density·n) entries per τᵢ but break ties at the threshold differently (we keep the lowest "
+            "indices, mergekit whatever `argsort` returns), and the synthetic deltas are multiples of one bf16 ulp "
+            "of the base, so thousands of entries share the threshold value and a different subset of them is "
+            "kept (which can also flip that element's sign election). `dare_ties` draws its random "
+            "masks with a different RNG, so only names, shapes and dtypes are compared, and mean |merged − base| over "
+            f"all elements must be within {DARE_MEAN_TOL:.0%} of mergekit's.\n\n" + "\n".join(verify_lines)
+        )
+    total = time.perf_counter() - t_section
+    res.notes.append(
+        f"The section took {total / 60:.1f} min in all (runs, warm-ups, output comparisons"
+        + (f", {sum(p.get('compare_s', 0) for p in per.values()):.0f} s of them comparing outputs" if verify_lines else "")
+        + ")."
+    )
+    res.data.update(
+        {
+            "verify_failed": verify_failed,
+            "mergekit": mk_from,
+            "summary": summary,
+            "targets": [{"target": n, "measured": v, "pass": ok} for n, v, ok in targets],
+            "compare": {m: p.get("compare") for m, p in per.items()},
+            "section_s": total,
+        }
+    )
+    return res
+
+
+def _verdict(method: str, c: dict) -> Tuple[bool, str]:
+    """(ok, markdown bullet) for one method's ``compare_merges`` result."""
+    layout_problems = []
+    for key, what in (("missing_ours", "missing in ours"), ("missing_theirs", "missing in mergekit's"),
+                      ("extra_ours", "extra in ours"), ("extra_theirs", "extra in mergekit's")):
+        if c[key]:
+            layout_problems.append(f"{len(c[key])} tensors {what} (e.g. `{c[key][0]}`)")
+    if c["shape_or_dtype_mismatch"]:
+        layout_problems.append(f"{len(c['shape_or_dtype_mismatch'])} shape/dtype mismatches (e.g. {c['shape_or_dtype_mismatch'][0]})")
+    layout = (
+        f"same {c['n_tensors']} tensor names, shapes and dtypes ({', '.join(c['dtypes'])})"
+        if not layout_problems else "; ".join(layout_problems)
+    )
+    n = max(c["n_elements"], 1)
+    mean_o, mean_t = c["sum_abs_delta_ours"] / n, c["sum_abs_delta_theirs"] / n
+    rel = abs(mean_o - mean_t) / mean_t if mean_t else float("inf")
+    means = f"mean |merged − base| {mean_o:.4g} (ours) vs {mean_t:.4g} (mergekit), {rel:.2%} apart"
+    if method == "dare_ties":
+        ok = not layout_problems and rel <= DARE_MEAN_TOL
+        return ok, f"- `{method}`: {'**OK**' if ok else '**FAILED**'} — {layout}; {means} (limit {DARE_MEAN_TOL:.0%})."
+    within = c["within_tol"] / n
+    untied_n = c["n_elements"] - c["tied"]
+    within_untied = c["within_tol_untied"] / untied_n if untied_n else 1.0
+    judged = within_untied if c["tied"] else within
+    ok = not layout_problems and judged >= MATCH_FRACTION
+    worst = c["worst_within"]
+    return ok, (
+        f"- `{method}`: {'**OK**' if ok else '**FAILED**'} — {layout}; {c['n_elements'] / 1e9:.3f}B elements: "
+        f"{c['bit_identical'] / n:.4%} bit-identical, {within:.4%} within {MATCH_ULPS} ulps"
+        + (f" (lowest: {worst[0]:.4%} in `{worst[1]}`)" if worst[1] else "")
+        + (
+            f"; {c['tied'] / n:.2%} of the elements have some |τᵢ| tied with its top-k threshold, and of the "
+            f"others {within_untied:.4%} are within {MATCH_ULPS} ulps"
+            if c["tied"] else ""
+        )
+        + f"; max abs diff {c['max_abs_diff']:.3g}"
+        + (f" (in `{c['max_abs_diff_tensor']}`)" if c["max_abs_diff_tensor"] else "")
+        + f"; {means}."
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -587,6 +946,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--layers", type=int, default=synth.BASE_CONFIG["num_hidden_layers"],
         help="decoder layers of the synthetic models (default 16, the ~0.95B 1x model; smaller for a smoke test)",
     )
+    p.add_argument(
+        "--repeats-slow", type=int, default=1,
+        help="runs in all for a command whose first run exceeds --slow-s (default 1; methods section)",
+    )
+    p.add_argument("--slow-s", type=float, default=60.0, help="see --repeats-slow (default 60 s)")
     p.add_argument("--keep-outputs", action="store_true", help="do not delete output folders after a section")
     p.add_argument("--strict", action="store_true", help="exit 1 when a command or a verification failed")
     p.add_argument("--list", action="store_true", help="list the sections and exit")
