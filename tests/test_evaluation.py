@@ -281,7 +281,6 @@ def test_cli_search_negation_writes_results_table_plot_and_recipe(zoo, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("HF_TASKARITH_DP_TEST"), reason="two processes (~30 s on 2 cores): set HF_TASKARITH_DP_TEST=1")
 def test_two_process_data_parallel_eval_matches_one_process(zoo, merge_and_folder, tmp_path):
     """torchrun (as accelerate launch does) with 2 gloo ranks: requests are sharded, rank 0 writes."""
     import subprocess
