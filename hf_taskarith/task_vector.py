@@ -78,6 +78,13 @@ class BaseModel:
         return (-other).apply_to(self)
 
 
+def _as_merged(obj) -> Optional["MergedModel"]:
+    """``obj`` if it is an applied task-vector expression (a ``MergedModel``), else None."""
+    from .merged import MergedModel
+
+    return obj if isinstance(obj, MergedModel) else None
+
+
 def match_name(name: str, base_keys: Iterable[str]) -> Optional[str]:
     """Map a tensor name from an adapter or state dict onto the base checkpoint's naming.
 
@@ -221,7 +228,17 @@ class TaskVector(ABC):
             return NotImplemented
         return LinearCombination(self.terms() + other.terms())
 
-    __radd__ = __add__
+    def __radd__(self, other) -> Union["TaskVector", "MergedModel"]:
+        merged = _as_merged(other)
+        if merged is not None:  # (base + τ_a) + τ_b: extend the applied expression
+            return type(merged)(merged.base, merged.expression + self)
+        return self.__add__(other)
+
+    def __rsub__(self, other) -> "MergedModel":
+        merged = _as_merged(other)
+        if merged is None:
+            return NotImplemented
+        return type(merged)(merged.base, merged.expression - self)
 
     def __neg__(self) -> "TaskVector":
         return LinearCombination([(-c, leaf) for c, leaf in self.terms()])

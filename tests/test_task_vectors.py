@@ -121,6 +121,17 @@ def test_negation_and_scaled_sum_match_the_formula(zoo):
         torch.testing.assert_close(mix[k], expected, rtol=1e-6, atol=1e-7)
 
 
+def test_the_readme_expression_reads_like_the_paper(zoo):
+    """``base + 0.4 * (tv_a + tv_b) - 0.5 * tv_c``, left to right, is θ0 + 0.4(τa + τb) − 0.5τc."""
+    base = BaseModel(zoo["llama_base"])
+    b_sd, a_sd, b2_sd, c_sd = (load_all(zoo[n]) for n in ("llama_base", "llama_ft_a", "llama_ft_b", "llama_ft_c"))
+    tv_a, tv_b, tv_c = (TaskVector.from_models(base, zoo[n]) for n in ("llama_ft_a", "llama_ft_b", "llama_ft_c"))
+    got = (base + 0.4 * (tv_a + tv_b) - 0.5 * tv_c).state_dict(torch.float32)
+    for k in b_sd:
+        want = b_sd[k] + 0.4 * ((a_sd[k] - b_sd[k]) + (b2_sd[k] - b_sd[k])) - 0.5 * (c_sd[k] - b_sd[k])
+        torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7)
+
+
 def test_mixing_a_finetune_and_an_adapter(zoo):
     base = BaseModel(zoo["llama_base"])
     want_ad = peft_merged_state(zoo["llama_base"], zoo["lora_plain"])
