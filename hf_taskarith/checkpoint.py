@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -173,6 +174,25 @@ class _FileReader:
             self._fd = None
 
 
+_READ_TARGET = threading.local()
+
+
+@contextmanager
+def reads_to_device(device: Optional[torch.device]) -> Iterator[None]:
+    """In this thread, make safetensors reads return tensors already on a CUDA ``device``.
+
+    Each read goes into a pinned host buffer and is copied with ``non_blocking=True`` on the
+    current stream, so disk reads, copies and GPU math of different tensors overlap. ``None``
+    (or a CPU device) leaves reads as they are.
+    """
+    previous = getattr(_READ_TARGET, "device", None)
+    _READ_TARGET.device = device if device is not None and torch.device(device).type == "cuda" else None
+    try:
+        yield
+    finally:
+        _READ_TARGET.device = previous
+
+
 class SafetensorsCheckpoint(TensorStore):
     """Lazy reader over one safetensors file or a sharded set with ``*.safetensors.index.json``.
 
@@ -222,10 +242,14 @@ class SafetensorsCheckpoint(TensorStore):
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        device = getattr(_READ_TARGET, "device", None)
+        # Under reads_to_device (the engine's CUDA workers) the read lands in pinned memory so the
+        # host-to-device copy is asynchronous; the caching host allocator keeps the buffer alive until it is done.
+        out = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=device is not None)
         if info.nbytes:
             self._readers[info.file].read_into(memoryview(out.numpy()), info.offset)
-        return out.view(info.dtype).reshape(info.shape)
+        tensor = out.view(info.dtype).reshape(info.shape)
+        return tensor if device is None else tensor.to(device, non_blocking=True)
 
     def close(self) -> None:
         for reader in self._readers.values():

@@ -27,6 +27,7 @@ def parse_weighted(value: str) -> Tuple[str, float]:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from .distributed import env_rank, shutdown
     from .task_vector import BaseModel, TaskVector
 
     if not args.task and not args.adapter:
@@ -40,26 +41,35 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         ref, weight = parse_weighted(spec)
         vectors.append(weight * TaskVector.from_adapter(ref))
     merged = sum(vectors).apply_to(base, scaling_coef=args.scaling)
-    out = merged.save_pretrained(
-        args.out,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        device=args.device,
-        tokenizer_source=args.tokenizer_from,
-        progress=not args.quiet,
-    )
-    print(out)
+    try:
+        out = merged.save_pretrained(
+            args.out,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            device=args.device,
+            tokenizer_source=args.tokenizer_from,
+            progress=not args.quiet,
+        )
+    finally:
+        shutdown()  # under torchrun / accelerate launch: leave the process group cleanly
+    if env_rank() == 0:
+        print(out)
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from .distributed import env_rank, shutdown
     from .method_merge import run_recipe
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    out = run_recipe(recipe, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
-    print(out)
+    try:
+        out = run_recipe(recipe, args.out, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    finally:
+        shutdown()
+    if env_rank() == 0:
+        print(out)
     return 0
 
 
@@ -158,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_eval import add_eval_commands
 
     add_eval_commands(sub)
+    from .cli_analysis import add_analysis_commands
+
+    add_analysis_commands(sub)
     return parser
 
 

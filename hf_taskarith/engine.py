@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,12 +25,16 @@ from .errors import TaskArithError
 from .refs import ResolvedModel, resolve
 from .writer import (
     DEFAULT_MAX_SHARD_SIZE,
+    BackgroundWriter,
     PlannedTensor,
     ShardPlan,
     StreamingShardWriter,
     atomic_output_dir,
     check_output_dir,
+    commit_temp_dir,
+    make_temp_dir,
     parse_size,
+    write_index,
 )
 
 if TYPE_CHECKING:
@@ -118,6 +123,8 @@ class StreamingMerge(ABC):
     def __init__(self, base: "BaseModel"):
         self.base = base
         self._validated = False
+        self._dist = None  # a DistContext while a multi-process save validates (splits global passes)
+        self._device: Optional[torch.device] = None  # the device of the current save, for passes in validate()
 
     # ---------------------------------------------------------------- subclass API
     @abstractmethod
@@ -175,8 +182,29 @@ class StreamingMerge(ABC):
         store = self.base.store
         if not store.dtype(name).is_floating_point:
             return store.get(name)  # integer buffers are copied unchanged
+        if device.type == "cuda":
+            return self._one_cuda(name, out_dtype, device)
         merged = self.compute(name, LazyTensor(lambda: store.get(name), store.shape(name), device))
-        return merged.to(dtype=out_dtype).cpu()
+        return merged.to(dtype=out_dtype)
+
+    def _one_cuda(self, name: str, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """One tensor on the GPU: pinned async reads in, math on this worker's stream, one sync out.
+
+        Each read-ahead worker thread has its own CUDA stream, so one tensor's copies overlap
+        another's math; the only synchronisation is the copy of the result back to pinned host
+        memory for the writer.
+        """
+        from .checkpoint import reads_to_device
+
+        store = self.base.store
+        stream = _worker_stream(device)
+        with torch.cuda.device(device), torch.cuda.stream(stream), reads_to_device(device):
+            merged = self.compute(name, LazyTensor(lambda: store.get(name), store.shape(name), device))
+            merged = merged.to(dtype=out_dtype)
+            host = torch.empty(merged.shape, dtype=out_dtype, pin_memory=True)
+            host.copy_(merged, non_blocking=True)
+            stream.synchronize()
+        return host
 
     def iter_tensors(
         self,
@@ -189,11 +217,14 @@ class StreamingMerge(ABC):
     ) -> Iterator[Tuple[str, torch.Tensor]]:
         """Yield ``(name, merged tensor)`` one at a time, in the base's file order.
 
+        At most ``read_ahead + 1`` tensors are being read, computed or waiting at any time: a new
+        one is submitted only when the oldest is taken, so memory does not grow with the model.
+
         Args:
             dtype: Output dtype for floating tensors (default: the base's).
-            device: Where the math runs (``"cpu"``, ``"cuda"``).
+            device: Where the math runs (``"cpu"``, ``"cuda"``); results are always on the CPU.
             order: Names in the order wanted (default: base file order).
-            read_ahead: Tensors computed ahead in worker threads (bounds memory).
+            read_ahead: Tensors read and computed ahead in worker threads (bounds memory).
             progress: Show an HF-style progress bar.
         """
         self._ensure_valid()
@@ -204,21 +235,27 @@ class StreamingMerge(ABC):
 
             order = list(iter_in_file_order(self.base.store))
         bar = _progress(len(order), "Merging tensors", progress)
-        with ThreadPoolExecutor(max_workers=max(1, read_ahead)) as pool:
+        workers = max(1, read_ahead)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_taskarith-compute") as pool:
             pending: deque = deque()
             names = iter(order)
-            for name in names:
-                pending.append((name, pool.submit(self._one, name, out_dtype, dev)))
-                if len(pending) > read_ahead:
-                    break
-            while pending:
-                name, fut = pending.popleft()
-                result = fut.result()
-                nxt = next(names, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(self._one, nxt, out_dtype, dev)))
-                bar.update(1)
-                yield name, result
+            try:
+                for name in names:
+                    pending.append((name, pool.submit(self._one, name, out_dtype, dev)))
+                    if len(pending) > workers:
+                        break
+                while pending:
+                    name, fut = pending.popleft()
+                    result = fut.result()
+                    nxt = next(names, None)
+                    if nxt is not None:
+                        pending.append((nxt, pool.submit(self._one, nxt, out_dtype, dev)))
+                    bar.update(1)
+                    yield name, result
+                    del result
+            finally:
+                for _, fut in pending:
+                    fut.cancel()  # on error or early exit, queued work is dropped, not run
         bar.close()
 
     def state_dict(self, dtype: Union[str, torch.dtype, None] = None, *, device=None) -> Dict[str, torch.Tensor]:
@@ -254,26 +291,93 @@ class StreamingMerge(ABC):
             OutputExistsError: if the folder is non-empty without ``overwrite``, or is an input.
             IncompatibleTensorsError: if an input does not fit the base.
         """
+        from .distributed import get_context
+
         inputs = [self.base.path] + [r.path for r in self.inputs()]
         target = check_output_dir(save_directory, overwrite, inputs)
+        dev = resolve_device(device)
+        ctx = get_context(dev)
+        if ctx.distributed and dev.type == "cuda" and dev.index is None:
+            dev = ctx.device  # one GPU per local rank
+        self._dist = ctx
+        self._device = dev
         self._ensure_valid()
         out_dtype = self.output_dtype(dtype)
         plan = self.plan(out_dtype, max_shard_size)
         tok_dir = resolve(tokenizer_source).path if tokenizer_source is not None else self.base.path
-        with atomic_output_dir(target, overwrite) as tmp:
-            writer = StreamingShardWriter(tmp, plan)
-            try:
-                order = [t.name for t in plan.order()]
-                for name, tensor in self.iter_tensors(out_dtype, device=device, order=order, progress=progress):
-                    writer.write(name, tensor)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            self._write_side_files(tmp, out_dtype, tok_dir)
+        if ctx.distributed:
+            self._save_distributed(ctx, target, plan, out_dtype, dev, tok_dir, progress)
+        else:
+            with atomic_output_dir(target, overwrite) as tmp:
+                self._write_shards(tmp, plan, None, out_dtype, dev, progress)
+                self._write_side_files(tmp, out_dtype, tok_dir)
         logger.info("Saved merged model to %s (%d shard(s))", target, len(plan.shards))
         self._saved_to = target
         return target
+
+    def _write_shards(
+        self, folder: Path, plan: ShardPlan, shards: Optional[List[int]], out_dtype: torch.dtype,
+        device: torch.device, progress: bool,
+    ) -> None:
+        """Compute and write ``shards`` of ``plan`` (all, and the index, when ``None``) into ``folder``.
+
+        Compute runs in the read-ahead workers, writing in a background thread behind a bounded
+        queue, so reading, math and disk writes of different tensors overlap.
+        """
+        writer = BackgroundWriter(StreamingShardWriter(folder, plan, shards=shards), max_queued=2)
+        try:
+            order = [t.name for t in writer.writer.order()]
+            for name, tensor in self.iter_tensors(out_dtype, device=device, order=order, progress=progress):
+                writer.put(name, tensor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _save_distributed(self, ctx, target: Path, plan: ShardPlan, out_dtype: torch.dtype, device: torch.device,
+                          tok_dir: Path, progress: bool) -> None:
+        """Each rank writes its shards into rank 0's temp folder; rank 0 finishes and renames.
+
+        Every rank reports success or failure before rank 0 renames (an all-reduce of a failure
+        flag), so an error on any rank leaves no output folder and is raised on every rank.
+        """
+        from .distributed import assign_shards
+
+        error: Optional[BaseException] = None
+        tmp: Optional[Path] = None
+        if ctx.is_main:
+            try:
+                tmp = make_temp_dir(target)
+            except BaseException as err:
+                error = err
+        shared = ctx.broadcast_object(str(tmp) if tmp is not None else None)
+        if shared is None:
+            raise error or TaskArithError(f"{target}: rank 0 could not create the temp folder")
+        tmp = Path(shared)
+        mine = assign_shards([sum(t.nbytes for t in shard) for shard in plan.shards], ctx.world_size)[ctx.rank]
+        logger.info("rank %d writes %d of %d shard(s)", ctx.rank, len(mine), len(plan.shards))
+        try:
+            if mine:
+                self._write_shards(tmp, plan, mine, out_dtype, device, progress and ctx.is_main)
+        except BaseException as err:
+            error = err
+        failed = ctx.any_true(error is not None)
+        if ctx.is_main:
+            try:
+                if not failed:
+                    write_index(tmp, plan)
+                    self._write_side_files(tmp, out_dtype, tok_dir)
+                    commit_temp_dir(tmp, target)
+            except BaseException as err:
+                error = err
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        failed = ctx.any_true(error is not None)  # final barrier: nobody returns before the rename
+        if error is not None:
+            raise error
+        if failed:
+            raise TaskArithError(f"{target}: the merge failed on another rank (see its error); no output was written")
 
     def _write_side_files(self, folder: Path, dtype: torch.dtype, tokenizer_dir: Path) -> None:
         config = dict(self.base.config)
@@ -402,6 +506,20 @@ class StreamingMerge(ABC):
         if hasattr(model, "tie_weights"):
             model.tie_weights()
         return model.eval()
+
+
+_WORKER = threading.local()
+
+
+def _worker_stream(device: torch.device) -> "torch.cuda.Stream":
+    """This thread's own CUDA stream on ``device`` (created on first use)."""
+    streams = getattr(_WORKER, "streams", None)
+    if streams is None:
+        streams = _WORKER.streams = {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(device=index)
+    return streams[index]
 
 
 class _NoBar:

@@ -93,14 +93,25 @@ class MethodMerge(StreamingMerge):
 
     # ------------------------------------------------------------------ global top-k
     def _task_deltas(self, i: int):
-        """Yield task i's τ for every touched tensor (one pass over that input)."""
+        """Yield task i's τ for every touched tensor (one pass over that input).
+
+        In a multi-process save each rank takes every world_size-th tensor and the histograms
+        are summed over ranks; on CUDA the τ are formed (and histogrammed) on the GPU.
+        """
+        from .checkpoint import reads_to_device
+        from .distributed import split_names
+
         store = self.base.store
-        for name in sorted(self._touched):
-            if not store.dtype(name).is_floating_point:
-                continue
-            base_t = store.get(name).float()
-            acc = torch.zeros_like(base_t)
-            self.tasks[i].vector.add_delta_(acc, name, 1.0, store, base_t)
+        names = [n for n in sorted(self._touched) if store.dtype(n).is_floating_point]
+        ctx = self._dist
+        if ctx is not None and ctx.distributed:
+            names = split_names(names, ctx.rank, ctx.world_size)
+        device = self._device if self._device is not None and self._device.type == "cuda" else None
+        for name in names:
+            with reads_to_device(device):
+                base_t = store.get(name).float()
+                acc = torch.zeros_like(base_t)
+                self.tasks[i].vector.add_delta_(acc, name, 1.0, store, base_t)
             yield acc
 
     def _global_thresholds(self) -> torch.Tensor:
@@ -109,6 +120,8 @@ class MethodMerge(StreamingMerge):
 
         store = self.base.store
         total = sum(math.prod(store.shape(n)) for n in self._touched if store.dtype(n).is_floating_point)
+        ctx = self._dist
+        sum_over_ranks = ctx.sum_over_ranks if ctx is not None and ctx.distributed else None
         rows = []
         for i, task in enumerate(self.tasks):
             density = self._scalar_param("density", task)
@@ -118,13 +131,27 @@ class MethodMerge(StreamingMerge):
                 n_bot = total - target - n_top
                 if n_bot < 0:
                     n_top, n_bot = n_top + n_bot, 0
-                lower, upper = kth_largest_magnitudes(lambda i=i: self._task_deltas(i), [total - n_bot, n_top])
+                lower, upper = kth_largest_magnitudes(
+                    lambda i=i: self._task_deltas(i), [total - n_bot, n_top], sum_over_ranks=sum_over_ranks
+                )
                 rows.append([0.0 if density >= 1 else lower, upper if n_top > 0 and density < 1 else float("inf")])
             else:
                 k = int(density * total)
-                rows.append([0.0 if density >= 1 else kth_largest_magnitudes(lambda i=i: self._task_deltas(i), [k])[0]])
+                if density >= 1:
+                    rows.append([0.0])
+                else:
+                    thr = kth_largest_magnitudes(lambda i=i: self._task_deltas(i), [k], sum_over_ranks=sum_over_ranks)
+                    rows.append([thr[0]])
         logger.info("global top-k thresholds per task: %s", rows)
         return torch.tensor(rows, dtype=torch.float32).squeeze(-1)
+
+    def _thresholds_on(self, device: torch.device) -> torch.Tensor:
+        """The global thresholds on ``device`` (copied there once, not once per tensor)."""
+        with self._lock:
+            cache = self.__dict__.setdefault("_thresholds_by_device", {})
+            if str(device) not in cache:
+                cache[str(device)] = self._thresholds.to(device)
+            return cache[str(device)]
 
     def _scalar_param(self, key: str, task: MergeTask) -> float:
         value = task.parameters.get(key, self.parameters.get(key, self.spec.defaults.get(key)))
@@ -237,7 +264,7 @@ class MethodMerge(StreamingMerge):
         params = self.params_for(name)
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in params.items()}
         if self._thresholds is not None:
-            kwargs["thresholds"] = self._thresholds.to(base_tensor.device)
+            kwargs["thresholds"] = self._thresholds_on(base_tensor.device)
         if self.spec.stochastic:
             gen = torch.Generator(device=base_tensor.device)
             gen.manual_seed(tensor_seed(self.seed, name))
@@ -298,8 +325,15 @@ def run_recipe(
     Returns:
         The output folder.
     """
+    from .distributed import env_world_size, get_context
+    from .engine import resolve_device
+
+    # Under torchrun / accelerate launch (WORLD_SIZE > 1) the model's shards are split over ranks
+    # inside save_pretrained; adapter outputs are small and run on rank 0 while the others wait.
+    ctx = get_context(resolve_device(device)) if env_world_size() > 1 else None
     if recipe.output.format == "adapter":
-        return _run_adapter_recipe(recipe, out_dir, overwrite=overwrite, token=token)
+        run = lambda: _run_adapter_recipe(recipe, out_dir, overwrite=overwrite, token=token)  # noqa: E731
+        return Path(ctx.on_main(lambda: str(run()))) if ctx is not None else run()
     merge = build_merge(recipe, token=token)
     out = merge.save_pretrained(
         out_dir,
@@ -312,10 +346,14 @@ def run_recipe(
     )
     push = recipe.output.push_to_hub
     if push is not None:
-        merge.push_to_hub(
-            push.repo_id, private=push.private, revision=push.revision, create_pr=push.create_pr,
-            commit_message=push.commit_message, token=token,
-        )
+
+        def do_push() -> None:
+            merge.push_to_hub(
+                push.repo_id, private=push.private, revision=push.revision, create_pr=push.create_pr,
+                commit_message=push.commit_message, token=token,
+            )
+
+        ctx.on_main(do_push) if ctx is not None else do_push()
     return out
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -112,13 +114,26 @@ class StreamingShardWriter:
         metadata: safetensors ``__metadata__`` (``{"format": "pt"}`` by default).
     """
 
-    def __init__(self, folder: Path, plan: ShardPlan, metadata: Optional[Dict[str, str]] = None):
+    def __init__(
+        self,
+        folder: Path,
+        plan: ShardPlan,
+        metadata: Optional[Dict[str, str]] = None,
+        shards: Optional[Sequence[int]] = None,
+    ):
         self.folder = Path(folder)
         self.plan = plan
         self.metadata = metadata or {"format": "pt"}
-        self._queue = iter([(i, t) for i, shard in enumerate(plan.shards) for t in shard])
+        # A rank of a multi-process merge writes only its own shards; the index is rank 0's job.
+        self.shards = list(range(len(plan.shards))) if shards is None else sorted(shards)
+        self._writes_index = shards is None
+        self._queue = iter([(i, t) for i in self.shards for t in plan.shards[i]])
         self._file = None
         self._file_index = -1
+
+    def order(self) -> List[PlannedTensor]:
+        """The tensors :meth:`write` expects, in order."""
+        return [t for i in self.shards for t in self.plan.shards[i]]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         try:
@@ -152,15 +167,80 @@ class StreamingShardWriter:
         if leftover is not None:
             raise TaskArithError(f"writer: tensor {leftover[1].name!r} was never written")
         self._close_file()
-        if len(self.plan.shards) > 1:
-            weight_map = {t.name: self.plan.file_name(i) for i, shard in enumerate(self.plan.shards) for t in shard}
-            index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / f"{self.plan.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if self._writes_index:
+            write_index(self.folder, self.plan)
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def write_index(folder: Path, plan: ShardPlan) -> None:
+    """Write ``{prefix}.safetensors.index.json`` when the plan has more than one shard."""
+    if len(plan.shards) > 1:
+        weight_map = {t.name: plan.file_name(i) for i, shard in enumerate(plan.shards) for t in shard}
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (Path(folder) / f"{plan.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class BackgroundWriter:
+    """Runs a :class:`StreamingShardWriter` in its own thread behind a bounded queue.
+
+    Compute hands finished tensors to :meth:`put` and goes on; the thread writes them (and
+    fsyncs each shard) meanwhile. The queue holds at most ``max_queued`` tensors, so a slow disk
+    stalls compute instead of growing memory. An error in the thread is raised by the next
+    :meth:`put` or by :meth:`close`.
+
+    Args:
+        writer: The writer to drive (tensors must arrive in ``writer.order()``).
+        max_queued: Tensors waiting to be written at most.
+    """
+
+    _DONE = object()
+
+    def __init__(self, writer: StreamingShardWriter, max_queued: int = 2):
+        self.writer = writer
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, max_queued))
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="hf_taskarith-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if self._error is not None:
+                continue  # drain so put() never blocks on a dead writer
+            try:
+                self.writer.write(*item)
+            except BaseException as err:  # re-raised in the caller's thread
+                self._error = err
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor for writing (blocks while the queue is full)."""
+        self._raise()
+        self._queue.put((name, tensor))
+
+    def close(self) -> None:
+        """Wait for every queued tensor, finish the files; raise the thread's error if any."""
+        self._queue.put(self._DONE)
+        self._thread.join()
+        self._raise()
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Stop the thread and close the open file (the caller removes the folder)."""
+        if self._thread.is_alive():
+            self._error = self._error or TaskArithError("writer: aborted")
+            self._queue.put(self._DONE)
+            self._thread.join()
+        self.writer.abort()
 
 
 def check_output_dir(target: Union[str, os.PathLike], overwrite: bool, inputs: Iterable[Path] = ()) -> Path:
@@ -190,13 +270,23 @@ def atomic_output_dir(target: Union[str, os.PathLike], overwrite: bool = False) 
     On any exception the temp folder is removed and ``target`` is left as it was.
     """
     target = check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    commit_temp_dir(tmp, target)
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A fresh hidden temp folder beside ``target`` (same filesystem, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def commit_temp_dir(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``, replacing an existing ``target`` (moved aside, then removed)."""
     if target.exists():
         trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(target, trash)
