@@ -150,12 +150,14 @@ class DistContext:
         return box[0]
 
     def shutdown(self) -> None:
-        """Tear the process group down (clean exit under torchrun)."""
+        """Tear the process group down (clean exit under torchrun); a later merge sets it up again."""
         if self.distributed:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+            if self._state is not None:
+                type(self._state)._reset_state()  # PartialState is a singleton; forget the dead group
 
 
 _SINGLE = DistContext()
