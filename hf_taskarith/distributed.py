@@ -197,6 +197,29 @@ def get_context(device: Optional[torch.device] = None) -> DistContext:
     return _CONTEXT
 
 
+def context_for_save(distributed: Optional[bool], device: Optional[torch.device] = None) -> DistContext:
+    """The context a save runs under: split over ranks, or this process alone.
+
+    Args:
+        distributed: ``True``: split over the ranks of ``WORLD_SIZE`` (every rank must make the
+            same call); ``False``: this process writes everything; ``None`` (auto): split when
+            ``WORLD_SIZE > 1`` unless some other code already set up ``torch.distributed`` (e.g.
+            an Accelerate training script, whose main process may be saving alone).
+        device: The merge's device.
+
+    Returns:
+        The context (the no-op single-process one when not splitting).
+    """
+    if distributed is False or env_world_size() <= 1:
+        return _SINGLE
+    if distributed is None and _CONTEXT is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return _SINGLE
+    return get_context(device)
+
+
 def assign_shards(sizes: Sequence[int], world_size: int) -> List[List[int]]:
     """Split shard indices over ranks, balanced by bytes (largest first to the least-loaded rank).
 

@@ -272,8 +272,13 @@ class StreamingMerge(ABC):
         device: Union[str, torch.device, None] = None,
         tokenizer_source: Union[str, Path, ResolvedModel, None] = None,
         progress: bool = True,
+        distributed: Optional[bool] = None,
     ) -> Path:
         """Stream the merged model to an HF-layout folder, atomically.
+
+        Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``) every rank computes and
+        writes its share of the shards and rank 0 finishes the folder; the bytes are those of a
+        single-process save.
 
         Args:
             save_directory: Output folder. Built in a temp folder beside it, then renamed.
@@ -283,6 +288,9 @@ class StreamingMerge(ABC):
             device: Where the math runs.
             tokenizer_source: Take tokenizer files from this model instead of the base.
             progress: Show a progress bar.
+            distributed: Split the work over the ranks of a multi-process launch: ``None`` (auto)
+                does when ``WORLD_SIZE > 1`` and no other code set up ``torch.distributed``;
+                ``True`` always (every rank must call); ``False`` never (this process writes all).
 
         Returns:
             The output folder.
@@ -291,12 +299,12 @@ class StreamingMerge(ABC):
             OutputExistsError: if the folder is non-empty without ``overwrite``, or is an input.
             IncompatibleTensorsError: if an input does not fit the base.
         """
-        from .distributed import get_context
+        from .distributed import context_for_save
 
         inputs = [self.base.path] + [r.path for r in self.inputs()]
         target = check_output_dir(save_directory, overwrite, inputs)
         dev = resolve_device(device)
-        ctx = get_context(dev)
+        ctx = context_for_save(distributed, dev)
         if ctx.distributed and dev.type == "cuda" and dev.index is None:
             dev = ctx.device  # one GPU per local rank
         self._dist = ctx

@@ -325,15 +325,14 @@ def run_recipe(
     Returns:
         The output folder.
     """
-    from .distributed import env_world_size, get_context
+    from .distributed import context_for_save
     from .engine import resolve_device
 
     # Under torchrun / accelerate launch (WORLD_SIZE > 1) the model's shards are split over ranks
     # inside save_pretrained; adapter outputs are small and run on rank 0 while the others wait.
-    ctx = get_context(resolve_device(device)) if env_world_size() > 1 else None
+    ctx = context_for_save(None, resolve_device(device))
     if recipe.output.format == "adapter":
-        run = lambda: _run_adapter_recipe(recipe, out_dir, overwrite=overwrite, token=token)  # noqa: E731
-        return Path(ctx.on_main(lambda: str(run()))) if ctx is not None else run()
+        return Path(ctx.on_main(lambda: str(_run_adapter_recipe(recipe, out_dir, overwrite=overwrite, token=token))))
     merge = build_merge(recipe, token=token)
     out = merge.save_pretrained(
         out_dir,
@@ -353,7 +352,7 @@ def run_recipe(
                 commit_message=push.commit_message, token=token,
             )
 
-        ctx.on_main(do_push) if ctx is not None else do_push()
+        ctx.on_main(do_push)
     return out
 
 
