@@ -23,11 +23,24 @@ from .lora import LoraAdapter
 from .merged import MergedModel
 from .refs import ResolvedModel, resolve
 from .task_vector import BaseModel, DenseTaskVector, LoraTaskVector, TaskVector
+from .stored import StoredTaskVector
+from .gradient import DatasetError, compute_gradient_task_vector
+from .geometry import GeometryReport, PairwiseStats, analyze_task_vectors
+from .trajectory import TrajectoryReport, analyze_trajectory, find_checkpoints
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BaseModel",
+    "DatasetError",
+    "GeometryReport",
+    "PairwiseStats",
+    "StoredTaskVector",
+    "TrajectoryReport",
+    "analyze_task_vectors",
+    "analyze_trajectory",
+    "compute_gradient_task_vector",
+    "find_checkpoints",
     "CheckpointError",
     "DenseTaskVector",
     "IncompatibleTensorsError",

@@ -216,6 +216,28 @@ class TaskVector(ABC):
             base_config=base_model.config,
         )
 
+    @staticmethod
+    def from_gradient(model_ref: ModelLike, dataset: Any, lr: float, **kwargs: Any) -> "TaskVector":
+        """τ = −η Σ_b ∇L_b(θ0) (or −η ∇L(θ0) full batch) without training; see :mod:`hf_taskarith.gradient`.
+
+        Args:
+            model_ref: The base model (reference or :class:`BaseModel`).
+            dataset: A JSONL file of ``text`` or ``prompt``/``completion`` records (or the records).
+            lr: η.
+            **kwargs: ``batch_size`` (None: full batch), ``micro_batch_size``, ``include``,
+                ``exclude``, ``mixed_precision``, ``device``, ``max_length``, ``save_dir``,
+                ``accelerator``... of :func:`hf_taskarith.gradient.compute_gradient_task_vector`.
+
+        Returns:
+            A :class:`~hf_taskarith.stored.StoredTaskVector` (a normal leaf: it merges and saves).
+
+        Raises:
+            DatasetError: for a missing, malformed or empty data file.
+        """
+        from .gradient import compute_gradient_task_vector
+
+        return compute_gradient_task_vector(model_ref, dataset, lr, **kwargs)
+
     # ------------------------------------------------------------------ algebra
     @abstractmethod
     def terms(self) -> List[Tuple[float, "LeafTaskVector"]]:
