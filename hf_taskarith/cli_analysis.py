@@ -26,7 +26,7 @@ GRADIENT_META = "gradient_task_vector.json"
 
 def cmd_gradient(args: argparse.Namespace) -> int:
     """τ = −η Σ_b ∇L_b(θ0) → DIR as a finetuned model θ0 + τ (default) or a stored τ folder."""
-    from .gradient import compute_gradient_task_vector
+    from .gradient import compute_gradient_task_vector, process_state
     from .task_vector import BaseModel
     from .writer import check_output_dir
 
@@ -40,24 +40,27 @@ def cmd_gradient(args: argparse.Namespace) -> int:
         max_length=args.max_length, progress=not args.quiet,
     )
     if args.format == "vector":
-        tv = compute_gradient_task_vector(base, args.data, args.lr, save_dir=args.out, overwrite=args.overwrite, **common)
-        print(Path(args.out).resolve())
+        compute_gradient_task_vector(base, args.data, args.lr, save_dir=args.out, overwrite=args.overwrite, **common)
+        if process_state(args.device).is_main_process:
+            print(Path(args.out).resolve())
         return 0
     tv = compute_gradient_task_vector(base, args.data, args.lr, **common)
-    from .gradient import process_state
 
     dtype = args.dtype or "float32"
     if dtype.lower() not in ("float32", "fp32", "float"):
         logger.warning("gradient: writing θ0 + τ in %s rounds a small τ away; float32 (default) keeps it", dtype)
-    # Every rank holds the all-reduced τ and calls the writer (which shares shards between ranks when
-    # launched multi-process); the provenance file is written once.
-    out = tv.apply_to(base).save_pretrained(
-        args.out, dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet,
-    )
-    if process_state(args.device).is_main_process:
+    # Every rank holds the all-reduced τ; the main process writes (under a launcher the process group
+    # is accelerate's, so the engine saves from this process alone) while the others wait.
+    state = process_state(args.device)
+    if state.is_main_process:
+        out = tv.apply_to(base).save_pretrained(
+            args.out, dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
         # Provenance beside the weights (lr, data hash, form); the folder is a normal finetune for apply/merge/eval.
         (Path(out) / GRADIENT_META).write_text(json.dumps(tv.metadata, indent=2, sort_keys=True) + "\n")
         print(out)
+    state.wait_for_everyone()
     return 0
 
 

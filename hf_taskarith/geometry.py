@@ -305,7 +305,9 @@ def heatmap(matrix: Sequence[Sequence[Optional[float]]], labels: Sequence[str], 
     for i in range(t):
         for j in range(t):
             if not math.isnan(data[i][j]):
-                ax.text(j, i, f"{data[i][j]:.2f}", ha="center", va="center", fontsize=8)
+                dark = abs(data[i][j] - (vmin + vmax) / 2) > 0.3 * (vmax - vmin)  # readable on strong colours
+                ax.text(j, i, f"{data[i][j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
