@@ -56,6 +56,11 @@ def layer_sort_key(key: str) -> Tuple[int, int, str]:
     return (0, int(m.group(1)), key) if m and _LAYER.match(key + ".") else (1, 0, key)
 
 
+def short_label(key: str) -> str:
+    """Axis label of a layer group: ``model.layers.3`` → ``L3``; other groups keep their name."""
+    return f"L{key.rsplit('.', 1)[-1]}" if layer_sort_key(key)[0] == 0 else key
+
+
 # --------------------------------------------------------------------------- pure accumulators
 @dataclass
 class PairwiseStats:
@@ -329,7 +334,7 @@ def _per_layer_plot(report: GeometryReport, path: Path) -> None:
             ys = [report.per_layer[k].cosine()[i][j] for k in layers]
             ax.plot(range(len(layers)), [float("nan") if y is None else y for y in ys], marker="o",
                     label=f"{report.names[i]} vs {report.names[j]}")
-    ax.set_xticks(range(len(layers)), [k.rsplit(".", 1)[-1] if layer_sort_key(k)[0] == 0 else k for k in layers],
+    ax.set_xticks(range(len(layers)), [short_label(k) for k in layers],
                   rotation=90, fontsize=7)
     ax.set_ylabel("cosine")
     ax.set_title("per-layer cosine")

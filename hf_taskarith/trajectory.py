@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 
 from .errors import CheckpointError, TaskArithError
-from .geometry import delta_of, layer_key, layer_sort_key, open_task_vector, tensor_names
+from .geometry import delta_of, layer_key, layer_sort_key, open_task_vector, short_label, tensor_names
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -183,7 +183,7 @@ class TrajectoryReport:
         nan = lambda v: float("nan") if v is None else v  # noqa: E731
         a2.plot(range(len(layers)), [nan(v) for v in share], "o-", label="‖τ_1‖/‖τ_final‖")
         a2.plot(range(len(layers)), [nan(v) for v in cos], "s-", label="cos(τ_1, τ_final)")
-        a2.set_xticks(range(len(layers)), [k.rsplit(".", 1)[-1] if layer_sort_key(k)[0] == 0 else k for k in layers],
+        a2.set_xticks(range(len(layers)), [short_label(k) for k in layers],
                       rotation=90, fontsize=7)
         a2.set_title("first checkpoint vs final, per layer")
         a2.legend(fontsize=8)

@@ -9,6 +9,7 @@ could not check 1e-5 relative agreement; a float64 step can (and is fully indepe
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -233,3 +234,50 @@ def test_two_processes_equal_one(zoo, tmp_path, texts):
         assert set(two.keys()) == set(one.keys())
         for name in one.keys():
             assert _rel(two.store.get(name), one.store.get(name)) < 1e-5, (form, name)
+
+
+def test_bf16_autocast_is_close_to_fp32(zoo, tmp_path, texts):
+    """bf16 autocast changes the forward arithmetic only: τ stays fp32 and points the same way."""
+    base = zoo["llama_base"]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    fp32 = TaskVector.from_gradient(base, data, lr=LR, device="cpu")
+    bf16 = TaskVector.from_gradient(base, data, lr=LR, device="cpu", mixed_precision="bf16")
+    a = torch.cat([fp32.store.get(n).reshape(-1) for n in fp32.keys()]).double()
+    b = torch.cat([bf16.store.get(n).reshape(-1) for n in fp32.keys()]).double()
+    assert bf16.store.get(fp32.keys()[0]).dtype == torch.float32
+    assert float(a @ b / (a.norm() * b.norm())) > 0.99 and not torch.equal(a, b)
+    with pytest.raises(TaskArithError, match="mixed_precision"):
+        TaskVector.from_gradient(base, data, lr=LR, mixed_precision="fp8")
+
+
+def test_trainer_one_epoch_full_batch_sgd_equals_gradient(zoo, tmp_path, texts):
+    """End to end with transformers' Trainer (plain SGD, constant lr, one full batch per epoch, no
+    clipping): its checkpoint-1 is θ0 − η∇L(θ0), so from_gradient matches it up to the fp32 rounding of
+    θ0 + τ (a few ulp(θ0) per entry), and `trajectory` reads the run folder's checkpoint-N."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from hf_taskarith import analyze_trajectory, find_checkpoints
+
+    base = zoo["llama_base"]
+    tok = AutoTokenizer.from_pretrained(base)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    rows = [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": labels[i]}
+            for i in range(len(texts))]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), num_train_epochs=2, per_device_train_batch_size=len(texts),
+        learning_rate=LR, lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
+        save_strategy="epoch", report_to=[], use_cpu=True, logging_strategy="no", seed=0,
+    )
+    Trainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), args=args, train_dataset=rows).train()
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    tv = TaskVector.from_gradient(base, data, lr=LR, device="cpu")
+    theta0, theta1 = load_file(Path(base) / "model.safetensors"), load_file(tmp_path / "run" / "checkpoint-1" / "model.safetensors")
+    for name in tv.keys():
+        ulp = torch.finfo(torch.float32).eps * theta0[name].abs().max().clamp_min(1.0)
+        assert torch.allclose(theta1[name] - theta0[name], tv.store.get(name), rtol=1e-4, atol=float(4 * ulp)), name
+    report = analyze_trajectory(base, find_checkpoints([tmp_path / "run"]))
+    assert report.checkpoints == ["checkpoint-1", "checkpoint-2"]
+    norm = math.sqrt(sum(float(tv.store.get(n).double().square().sum()) for n in tv.keys()))
+    assert report.overall.update_norms()[0] == pytest.approx(norm, rel=1e-4)
