@@ -31,7 +31,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -39,7 +39,7 @@ from .errors import TaskArithError
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20  # elements per float64 block: T x 8 MB per matrix in flight
+_CHUNK = 1 << 20  # elements per block (< 2^24: fp32 sign counts stay exact); T x 8 MB in float64
 _LAYER = re.compile(r"^(.*?\.(?:layers|layer|h|blocks|block)\.\d+)\.")
 
 
@@ -104,17 +104,21 @@ class PairwiseStats:
         mflat = masks.reshape(t, -1) if masks is not None else None
         n = flat.shape[1]
         for start in range(0, n, _CHUNK):
-            x = flat[:, start:start + _CHUNK].to(torch.float64)
-            pos, neg = (x > 0).to(torch.float64), (x < 0).to(torch.float64)
-            nz = pos + neg
-            # Counts as float64 matmuls: exact below 2^53 per block.
+            block = flat[:, start:start + _CHUNK]
+            x = block.to(torch.float64)
             self.dot += (x @ x.T).cpu()
-            self.both_nonzero += (nz @ nz.T).round().to(torch.int64).cpu()
-            self.conflicts += (pos @ neg.T + neg @ pos.T).round().to(torch.int64).cpu()
-            self.multi_nonzero += int((nz.sum(0) >= 2).sum())
-            self.multi_conflict += int(((pos.sum(0) > 0) & (neg.sum(0) > 0)).sum())
+            # Signs as fp32 in {-1, 0, 1}: integer sums below 2^24 are exact, so the counts are exact.
+            sgn = torch.sign(block.float())
+            nz = sgn.abs()
+            both = nz @ nz.T  # both nonzero
+            agree_minus_disagree = sgn @ sgn.T  # over coordinates where both are nonzero
+            self.both_nonzero += both.round().to(torch.int64).cpu()
+            self.conflicts += ((both - agree_minus_disagree) / 2).round().to(torch.int64).cpu()
+            count = nz.sum(0)
+            self.multi_nonzero += int(torch.count_nonzero(count >= 2))
+            self.multi_conflict += int(torch.count_nonzero(sgn.sum(0).abs() < count))  # not all one sign
             if mflat is not None:
-                m = mflat[:, start:start + _CHUNK].to(torch.float64)
+                m = mflat[:, start:start + _CHUNK].float()
                 inter = (m @ m.T).round().to(torch.int64).cpu()
                 self.mask_inter += inter
                 self.mask_count += inter.diagonal()
