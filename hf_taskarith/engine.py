@@ -94,6 +94,41 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
+# Mixed-dtype elementwise ops on CPU convert the whole bf16/fp16 operand to an fp32 temporary first;
+# blocks of this many elements bound that temporary to 16 MB. Results are the same element for element.
+_BLOCK = 1 << 22
+
+
+def _blocks(acc: torch.Tensor, x: torch.Tensor):
+    if acc.device.type != "cpu" or x.dtype == acc.dtype or x.numel() <= _BLOCK or not acc.is_contiguous():
+        return [(acc, x)]  # CUDA casts inside the kernel; same dtype needs no temporary
+    a, b = acc.view(-1), x.reshape(-1)
+    return [(a[i : i + _BLOCK], b[i : i + _BLOCK]) for i in range(0, a.numel(), _BLOCK)]
+
+
+def add_scaled_(acc: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``acc += alpha · x`` in ``acc``'s dtype, without a full-size fp32 copy of a bf16/fp16 ``x``.
+
+    Args:
+        acc: fp32 accumulator (modified in place).
+        x: Same shape, any floating dtype, same device.
+        alpha: Scale of ``x``.
+
+    Returns:
+        ``acc``.
+    """
+    for a, b in _blocks(acc, x):
+        a.add_(b, alpha=alpha)
+    return acc
+
+
+def scale_into_(acc: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``acc = alpha · x`` (``torch.mul(..., out=acc)``), blockwise like :func:`add_scaled_`."""
+    for a, b in _blocks(acc, x):
+        torch.mul(b, alpha, out=a)
+    return acc
+
+
 class LazyTensor:
     """The base tensor of one name, read and converted to fp32 on first use only.
 

@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .engine import LazyTensor, StreamingMerge
+from .engine import LazyTensor, StreamingMerge, add_scaled_, scale_into_
 from .refs import ResolvedModel
 from .task_vector import BaseModel, DenseTaskVector, LoraTaskVector, TaskVector
 
@@ -66,7 +66,7 @@ class MergedModel(StreamingMerge):
             # θ0 cancels (e.g. base + 1.0·τ): never read it. out= keeps one fp32 pass, no temporaries.
             coef, load = reads.pop(0)
             acc = torch.empty(base.shape, dtype=torch.float32, device=device)
-            torch.mul(load().to(device), coef, out=acc)
+            scale_into_(acc, load().to(device), coef)
         elif nonlinear:
             acc = base.get() * base_coef  # DoRA / saved modules need the untouched θ0 below
         else:
@@ -74,7 +74,7 @@ class MergedModel(StreamingMerge):
             if base_coef != 1.0:
                 acc.mul_(base_coef)
         for coef, load in reads:
-            acc.add_(load().to(device), alpha=coef)  # mixed-dtype add: no fp32 copy of the input
+            add_scaled_(acc, load().to(device), coef)  # blockwise: no full-size fp32 copy of the input
         for coef, leaf in self.terms:
             leaf.add_nonlinear_(acc, name, coef, store, base.get() if nonlinear else None)
         return acc
