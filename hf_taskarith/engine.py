@@ -252,8 +252,9 @@ class StreamingMerge(ABC):
     ) -> Iterator[Tuple[str, torch.Tensor]]:
         """Yield ``(name, merged tensor)`` one at a time, in the base's file order.
 
-        At most ``read_ahead + 1`` tensors are being read, computed or waiting at any time: a new
-        one is submitted only when the oldest is taken, so memory does not grow with the model.
+        At most ``read_ahead + 1`` tensors are being read, computed or held by the caller at any
+        time: a new one is submitted only when the oldest is taken, so memory does not grow with
+        the model.
 
         Args:
             dtype: Output dtype for floating tensors (default: the base's).
@@ -277,7 +278,7 @@ class StreamingMerge(ABC):
             try:
                 for name in names:
                     pending.append((name, pool.submit(self._one, name, out_dtype, dev)))
-                    if len(pending) > workers:
+                    if len(pending) >= workers:
                         break
                 while pending:
                     name, fut = pending.popleft()

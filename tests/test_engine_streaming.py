@@ -1,0 +1,88 @@
+"""The streaming engine's bounds: tensors in flight, the background writer, per-rank shard writing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_taskarith import BaseModel, TaskVector
+from hf_taskarith.engine import add_scaled_, scale_into_
+from hf_taskarith.errors import TaskArithError
+from hf_taskarith.writer import BackgroundWriter, PlannedTensor, ShardPlan, StreamingShardWriter, write_index
+
+
+def test_read_ahead_bounds_the_tensors_in_flight(zoo):
+    base = BaseModel(zoo["llama_base"])
+    merged = base + 0.5 * TaskVector.from_models(base, zoo["llama_ft_a"])
+    lock = threading.Lock()
+    state = {"started": 0, "taken": 0, "most_ahead": 0}
+    real = type(merged).compute
+
+    def compute(self, name, lazy):
+        with lock:
+            state["started"] += 1
+            state["most_ahead"] = max(state["most_ahead"], state["started"] - state["taken"])
+        return real(self, name, lazy)
+
+    merged.compute = compute.__get__(merged)
+    for _ in merged.iter_tensors(read_ahead=2):
+        time.sleep(0.01)  # a slow consumer: workers would run ahead if nothing bounded them
+        with lock:
+            state["taken"] += 1
+    assert state["taken"] > 6
+    assert state["most_ahead"] <= 3  # read_ahead + the one being handed over
+
+
+def _plan():
+    tensors = [PlannedTensor(f"t{i}", (4, 3), torch.float32) for i in range(5)]
+    return ShardPlan.build(tensors, 2 * 4 * 3 * 4)  # two tensors a shard: 3 shards
+
+
+def test_shard_subsets_write_the_same_files_as_one_writer(tmp_path):
+    plan = _plan()
+    values = {t.name: torch.arange(12, dtype=torch.float32).reshape(4, 3) + i for i, t in enumerate(plan.order())}
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    w = StreamingShardWriter(whole, plan)
+    for t in plan.order():
+        w.write(t.name, values[t.name])
+    w.close()
+    split = tmp_path / "split"
+    split.mkdir()
+    for shards in ([0, 2], [1]):
+        w = StreamingShardWriter(split, plan, shards=shards)
+        for t in w.order():
+            w.write(t.name, values[t.name])
+        w.close()
+    assert not (split / "model.safetensors.index.json").exists()  # the index is rank 0's job
+    write_index(split, plan)
+    assert sorted(p.name for p in whole.iterdir()) == sorted(p.name for p in split.iterdir())
+    for p in whole.iterdir():
+        assert p.read_bytes() == (split / p.name).read_bytes(), p.name
+
+
+def test_background_writer_raises_the_threads_error(tmp_path):
+    plan = _plan()
+    bw = BackgroundWriter(StreamingShardWriter(tmp_path, plan), max_queued=1)
+    bw.put("t0", torch.zeros(4, 3))
+    bw.put("wrong", torch.zeros(4, 3))  # out of plan order: the thread fails
+    with pytest.raises(TaskArithError, match="expected 't1'"):
+        for _ in range(10):  # a later put or close reports it
+            bw.put("t2", torch.zeros(4, 3))
+        bw.close()
+    bw.abort()
+
+
+def test_blockwise_accumulate_is_bit_identical_to_one_op():
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(3, (1 << 22) // 3 + 5, generator=g)  # not a whole number of blocks
+    x = torch.randn(acc.shape, generator=g).to(torch.bfloat16)
+    want = acc.clone().add_(x, alpha=0.37)
+    assert torch.equal(add_scaled_(acc.clone(), x, 0.37), want)
+    want = torch.empty_like(acc)
+    torch.mul(x, -1.3, out=want)
+    assert torch.equal(scale_into_(torch.empty_like(acc), x, -1.3), want)
