@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from .errors import TaskArithError
@@ -44,23 +45,30 @@ def cmd_gradient(args: argparse.Namespace) -> int:
         if process_state(args.device).is_main_process:
             print(Path(args.out).resolve())
         return 0
-    tv = compute_gradient_task_vector(base, args.data, args.lr, **common)
-
     dtype = args.dtype or "float32"
     if dtype.lower() not in ("float32", "fp32", "float"):
         logger.warning("gradient: writing θ0 + τ in %s rounds a small τ away; float32 (default) keeps it", dtype)
-    # Every rank holds the all-reduced τ; the main process writes (under a launcher the process group
-    # is accelerate's, so the engine saves from this process alone) while the others wait.
+    # τ goes to a scratch task-vector folder beside --out (host memory: one tensor at a time), then the
+    # finetune θ0 + τ is streamed from it; the scratch folder is removed either way.
+    out = Path(args.out).expanduser().resolve()
+    scratch = out.parent / f".{out.name}.tau-scratch"
     state = process_state(args.device)
-    if state.is_main_process:
-        out = tv.apply_to(base).save_pretrained(
-            args.out, dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-        # Provenance beside the weights (lr, data hash, form); the folder is a normal finetune for apply/merge/eval.
-        (Path(out) / GRADIENT_META).write_text(json.dumps(tv.metadata, indent=2, sort_keys=True) + "\n")
-        print(out)
-    state.wait_for_everyone()
+    try:
+        tv = compute_gradient_task_vector(base, args.data, args.lr, save_dir=scratch, overwrite=True, **common)
+        tv.source = None  # the scratch folder is no input to publish
+        tv.display_name = f"gradient of {Path(args.data).name} (lr {args.lr:g})"
+        if state.is_main_process:
+            # Under a launcher the process group is accelerate's, so the engine saves from this process alone.
+            saved = tv.apply_to(base).save_pretrained(
+                out, dtype=dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet,
+            )
+            # Provenance beside the weights (lr, data hash, form); the folder is a normal finetune.
+            (Path(saved) / GRADIENT_META).write_text(json.dumps(tv.metadata, indent=2, sort_keys=True) + "\n")
+            print(saved)
+        state.wait_for_everyone()
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 

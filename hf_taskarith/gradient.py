@@ -220,7 +220,8 @@ def compute_gradient_task_vector(
         mixed_precision: ``"no"`` (fp32) or ``"bf16"`` (bf16 autocast forward, fp32 sums).
         device: Where the model runs (default: the Accelerate process's device).
         max_length: Truncate examples to this many tokens (default: the tokenizer's limit, if any).
-        save_dir: Also write τ as a task-vector folder here (main process) and read it back lazily.
+        save_dir: Write τ as a task-vector folder here (main process), one tensor at a time, and
+            return it read back lazily: host memory then never holds all of τ.
         overwrite: Replace a non-empty ``save_dir``.
         accelerator: An ``accelerate.Accelerator`` to run under (default: ``PartialState``).
         token: Hub token for the base.
@@ -319,16 +320,21 @@ def compute_gradient_task_vector(
         from accelerate.utils import reduce
 
         loss_sum = reduce(loss_sum, reduction="sum")
-    tau: Dict[str, torch.Tensor] = {}
-    for p, names in params:
-        g = p.grad if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-        if multi:
-            g = reduce(g.float().contiguous(), reduction="sum")  # one all-reduce per tensor, at the end
-        t = (g.float() * -float(lr)).cpu()
-        p.grad = None
-        for n in names:
-            tau[n] = t
-    del model
+    # Base file order; a tied parameter's names are yielded together (the writer takes this order).
+    position = {n: i for i, n in enumerate(base.store.keys())}
+    params.sort(key=lambda item: min(position[n] for n in item[1]))
+    shapes = {n: tuple(p.shape) for p, names in params for n in names}
+
+    def tau_stream():
+        """τ one parameter at a time: all-reduce (every rank, same order), scale, move to CPU."""
+        for p, names in params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+            if multi:
+                g = reduce(g.float().contiguous(), reduction="sum")
+            t = (g.float() * -float(lr)).cpu()
+            p.grad = None  # free the device copy as we go
+            for n in names:
+                yield n, t
 
     n_batches = len(tokens_per_batch)
     metadata = {
@@ -348,15 +354,20 @@ def compute_gradient_task_vector(
         "data": Path(data).name if isinstance(data, (str, Path)) else "<records>",
         "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest() if isinstance(data, (str, Path)) else None,
     }
-    ordered = [n for n in base.store.keys() if n in tau]
     if save_dir is not None:
+        # Streamed to disk: host memory holds one τ tensor at a time.
         if state.is_main_process:
-            write_task_vector_folder(save_dir, ((n, tau[n]) for n in ordered),
-                                     {n: tuple(tau[n].shape) for n in ordered}, metadata, overwrite=overwrite)
+            write_task_vector_folder(save_dir, tau_stream(), shapes, metadata, overwrite=overwrite)
+        else:
+            for _ in tau_stream():  # take part in every all-reduce
+                pass
+        del model
         state.wait_for_everyone()
         return StoredTaskVector.load(save_dir)
+    tau = dict(tau_stream())
+    del model
     label = f"<gradient task vector of {metadata['data']}>"
-    return StoredTaskVector.from_tensors({n: tau[n] for n in ordered}, metadata, label=label)
+    return StoredTaskVector.from_tensors(tau, metadata, label=label)
 
 
 class _SingleProcess:

@@ -83,6 +83,12 @@ class StoredTaskVector(LeafTaskVector):
         return cls(store, meta, source=ResolvedModel(path=folder.resolve(), ref=str(folder)))
 
     # ---------------------------------------------------------------- leaf protocol
+    display_name: Optional[str] = None  # how cards and tables name it (default: folder name or label)
+
+    @property
+    def name(self) -> str:
+        return self.display_name or super().name
+
     @property
     def label(self) -> str:
         return self.store.label

@@ -158,6 +158,9 @@ def test_cli_gradient_output_is_usable_by_apply(zoo, tmp_path, texts):
                      "--device", "cpu"]) == 0
     meta = json.loads((out / "gradient_task_vector.json").read_text())
     assert meta["lr"] == LR and meta["form"] == "full_batch_mean"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "grad_model"]  # scratch τ folder removed
+    desc = (out / "hf_taskarith.json").read_text() + (out / "README.md").read_text()
+    assert "gradient of d.jsonl" in desc and str(tmp_path) not in desc  # no local path published
     merged = tmp_path / "applied"
     assert cli_main(["-q", "apply", "--base", str(base), "--task", f"{out}:0.5", "--out", str(merged),
                      "--dtype", "float32"]) == 0
