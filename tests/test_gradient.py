@@ -208,6 +208,8 @@ assert state.num_processes == 2, state.num_processes
 base, data, out = sys.argv[1:4]
 TaskVector.from_gradient(base, data, lr=%r, micro_batch_size=2, save_dir=out + "/mean")
 TaskVector.from_gradient(base, data, lr=%r, batch_size=4, micro_batch_size=1, save_dir=out + "/sum")
+from hf_taskarith.cli import main
+assert main(["-q", "gradient", "--base", base, "--data", data, "--lr", "%r", "--out", out + "/cli", "--device", "cpu"]) == 0
 state.destroy_process_group()
 """
 
@@ -218,7 +220,7 @@ def test_two_processes_equal_one(zoo, tmp_path, texts):
     base = zoo["llama_base"]
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
     script = tmp_path / "worker.py"
-    script.write_text(_WORKER % (LR, LR))
+    script.write_text(_WORKER % (LR, LR, LR))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
     with socket.socket() as sock:  # a free port (torchrun's --master_port 0 hangs in rendezvous)
@@ -237,6 +239,14 @@ def test_two_processes_equal_one(zoo, tmp_path, texts):
         assert set(two.keys()) == set(one.keys())
         for name in one.keys():
             assert _rel(two.store.get(name), one.store.get(name)) < 1e-5, (form, name)
+    # The CLI under torchrun: the main rank writes θ0 + τ once (and removes its scratch τ folder).
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["cli", "mean", "sum"]
+    theta0, got = load_file(Path(base) / "model.safetensors"), load_file(tmp_path / "two" / "cli" / "model.safetensors")
+    mean = StoredTaskVector.load(tmp_path / "two" / "mean")
+    for name in mean.keys():
+        assert torch.allclose(got[name], theta0[name] + mean.store.get(name), atol=1e-6), name
 
 
 def test_bf16_autocast_is_close_to_fp32(zoo, tmp_path, texts):
