@@ -32,7 +32,8 @@ def find_checkpoints(paths: Sequence[Union[str, Path]]) -> List[Path]:
     """Checkpoints in training order.
 
     One folder holding ``checkpoint-N`` subfolders (a Trainer ``output_dir``) gives those, sorted by
-    N; otherwise every path is a checkpoint, in the order given.
+    N (a final model saved at the top level is not added: it is normally the last checkpoint);
+    otherwise every path is a checkpoint, in the order given.
 
     Raises:
         CheckpointError: if a path does not exist, or a run folder has no checkpoints.
