@@ -1,7 +1,8 @@
 """Multi-process merges: 2 CPU ranks (gloo) under torchrun write the same bytes as one process.
 
 Each launch starts two Python processes, so the file groups several merges per launch (a small
-driver script) and launches torchrun three times in all.
+driver script) and launches torchrun three times in all: the driver, the CLI (`-m hf_taskarith
+apply` with a LoRA) and a run whose rank 1 fails.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def _recipes(zoo, folder: Path):
     two = [{"model": fa, "weight": 0.5}, {"model": fb, "weight": 0.3}]
     return {
         "ta": _write_recipe(folder / "ta.yaml", base=base, method="task_arithmetic", tasks=two, dtype="float32"),
+        "ties": _write_recipe(folder / "ties.yaml", base=base, method="ties", parameters={"density": 0.5},
+                              tasks=[{"model": fa, "weight": 0.7}, {"model": str(zoo["llama_ft_c"]), "weight": 0.4}]),
         "ties_global": _write_recipe(folder / "ties_global.yaml", base=base, method="ties", topk_scope="global",
                                      parameters={"density": 0.3}, tasks=two),
         "dare_ties": _write_recipe(folder / "dare_ties.yaml", base=base, method="dare_ties", seed=11,
@@ -101,18 +104,6 @@ def test_two_ranks_write_the_single_process_bytes(zoo, tmp_path):
         want = v.float() + 0.5 * (fa[k].float() - v.float()) + 0.3 * (fb[k].float() - v.float())
         torch.testing.assert_close(got[k], want, rtol=1e-6, atol=1e-7, msg=k)
     assert not list(tmp_path.glob(".multi_*")), "temp folders left behind"
-
-
-def test_cli_ties_under_torchrun_matches_one_process(zoo, tmp_path):
-    r = _write_recipe(
-        tmp_path / "ties.yaml", base=str(zoo["llama_base"]), method="ties", parameters={"density": 0.5},
-        tasks=[{"model": str(zoo["llama_ft_a"]), "weight": 0.7}, {"model": str(zoo["llama_ft_c"]), "weight": 0.4}],
-    )
-    proc = _torchrun(["-m", "hf_taskarith", "-q", "merge", str(r), "--out", str(tmp_path / "multi")], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == str((tmp_path / "multi").resolve())  # printed once, by rank 0
-    single = run_recipe(load_recipe(r), tmp_path / "single", progress=False)
-    _assert_same_files(single, tmp_path / "multi")
 
 
 _FAILING = textwrap.dedent(
@@ -171,3 +162,16 @@ def test_a_single_process_sets_up_nothing(zoo, tmp_path, monkeypatch):
                       tasks=[{"model": str(zoo["llama_ft_a"])}])
     run_recipe(load_recipe(r), tmp_path / "out", progress=False)
     assert not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def test_cli_apply_with_a_lora_under_torchrun_matches_one_process(zoo, tmp_path):
+    args = ["--base", str(zoo["llama_base"]), "--task", f"{zoo['llama_ft_a']}:0.5",
+            "--adapter", f"{zoo['lora_plain']}:0.7", "--max-shard-size", SHARD]
+    proc = _torchrun(["-m", "hf_taskarith", "-q", "apply", *args, "--out", str(tmp_path / "multi")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str((tmp_path / "multi").resolve())  # printed once, by rank 0
+    from hf_taskarith.cli import main
+
+    assert main(["-q", "apply", *args, "--out", str(tmp_path / "single")]) == 0
+    assert len(list((tmp_path / "single").glob("model-*.safetensors"))) >= 3
+    _assert_same_files(tmp_path / "single", tmp_path / "multi")
