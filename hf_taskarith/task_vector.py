@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, 
 import torch
 
 from .checkpoint import StateDictStore, TensorStore, open_checkpoint
-from .errors import IncompatibleTensorsError
+from .errors import IncompatibleTensorsError, TaskArithError
 from .lora import PEFT_PREFIX, LoraAdapter, LoraModule
 from .refs import ResolvedModel, resolve
 
@@ -134,6 +134,12 @@ class TaskVector(ABC):
         """
         base_model = BaseModel.coerce(base, token=token)
         ft = resolve(finetuned, token=token)
+        from .stored import StoredTaskVector, is_task_vector_folder
+
+        if is_task_vector_folder(ft.path):  # τ saved on its own (e.g. `hf-taskarith gradient --format vector`)
+            if exclude:
+                raise TaskArithError(f"{ft.path}: a stored task vector takes no exclude patterns")
+            return StoredTaskVector.load(ft.path)
         return DenseTaskVector(
             base_model.store,
             open_checkpoint(ft.path),

@@ -172,6 +172,13 @@ def test_cli_gradient_output_is_usable_by_apply(zoo, tmp_path, texts):
     assert cli_main(["-q", "gradient", "--base", str(base), "--data", str(data), "--lr", str(LR), "--out", str(vec),
                      "--format", "vector", "--device", "cpu", "--include", "mlp"]) == 0
     assert all("mlp" in k for k in StoredTaskVector.load(vec).keys())
+    applied_vec = tmp_path / "applied_vec"  # a stored τ folder is a --task input too
+    assert cli_main(["-q", "apply", "--base", str(base), "--task", f"{vec}:0.5", "--out", str(applied_vec),
+                     "--dtype", "float32"]) == 0
+    got = load_file(applied_vec / "model.safetensors")
+    for name, tensor in b.items():
+        want = b[name].double() + 0.5 * ref[name] if "mlp" in name else tensor.double()
+        assert torch.allclose(got[name].double(), want, atol=1e-6), name
 
 
 @pytest.mark.parametrize("content, message", [
