@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
+from .checkpoint import TensorStore
 from .engine import LazyTensor, StreamingMerge, add_scaled_, scale_into_
 from .refs import ResolvedModel
-from .task_vector import BaseModel, DenseTaskVector, LoraTaskVector, TaskVector
+from .task_vector import BaseModel, DenseTaskVector, LeafTaskVector, LoraTaskVector, TaskVector
 
 
 class MergedModel(StreamingMerge):
@@ -51,30 +52,49 @@ class MergedModel(StreamingMerge):
         }
 
     def compute(self, name: str, base: LazyTensor) -> torch.Tensor:
-        store = self.base.store
-        base_coef = 1.0
-        reads = []
-        for coef, leaf in self.terms:
-            for mult, identity, load in leaf.linear_parts(name):
-                if identity == store.identity:
-                    base_coef += coef * mult
-                else:
-                    reads.append((coef * mult, load))
-        nonlinear = [(c, leaf) for c, leaf in self.terms if leaf.needs_base_tensor(name, store)]
-        device = base.device
-        if abs(base_coef) < 1e-12 and reads:
-            # θ0 cancels (e.g. base + 1.0·τ): never read it. out= keeps one fp32 pass, no temporaries.
-            coef, load = reads.pop(0)
-            acc = torch.empty(base.shape, dtype=torch.float32, device=device)
-            scale_into_(acc, load().to(device), coef)
-        elif nonlinear:
-            acc = base.get() * base_coef  # DoRA / saved modules need the untouched θ0 below
-        else:
-            acc = base.get()
-            if base_coef != 1.0:
-                acc.mul_(base_coef)
-        for coef, load in reads:
-            add_scaled_(acc, load().to(device), coef)  # blockwise: no full-size fp32 copy of the input
-        for coef, leaf in self.terms:
-            leaf.add_nonlinear_(acc, name, coef, store, base.get() if nonlinear else None)
-        return acc
+        return fold_linear(name, base, self.terms, self.base.store)
+
+
+def fold_linear(
+    name: str, base: LazyTensor, terms: List[Tuple[float, LeafTaskVector]], store: TensorStore
+) -> torch.Tensor:
+    """``θ0 + Σ c_i τ_i`` for one tensor, folding dense τ into ``(1 − Σc_i)·θ0 + Σ c_i θ_i``.
+
+    Each input is read once and accumulated blockwise into one fp32 tensor, so the working set
+    is the accumulator plus one input; the base is not read when its coefficient cancels.
+
+    Args:
+        name: The base tensor's name.
+        base: The lazy base tensor (its device is where the math runs).
+        terms: ``(c_i, τ_i)`` pairs.
+        store: The base checkpoint (dense τ reading it are folded into the base coefficient).
+
+    Returns:
+        The merged tensor in fp32.
+    """
+    base_coef = 1.0
+    reads = []
+    for coef, leaf in terms:
+        for mult, identity, load in leaf.linear_parts(name):
+            if identity == store.identity:
+                base_coef += coef * mult
+            else:
+                reads.append((coef * mult, load))
+    nonlinear = [(c, leaf) for c, leaf in terms if leaf.needs_base_tensor(name, store)]
+    device = base.device
+    if abs(base_coef) < 1e-12 and reads:
+        # θ0 cancels (e.g. base + 1.0·τ): never read it. out= keeps one fp32 pass, no temporaries.
+        coef, load = reads.pop(0)
+        acc = torch.empty(base.shape, dtype=torch.float32, device=device)
+        scale_into_(acc, load().to(device), coef)
+    elif nonlinear:
+        acc = base.get() * base_coef  # DoRA / saved modules need the untouched θ0 below
+    else:
+        acc = base.get()
+        if base_coef != 1.0:
+            acc.mul_(base_coef)
+    for coef, load in reads:
+        add_scaled_(acc, load().to(device), coef)  # blockwise: no full-size fp32 copy of the input
+    for coef, leaf in terms:
+        leaf.add_nonlinear_(acc, name, coef, store, base.get() if nonlinear else None)
+    return acc

@@ -250,10 +250,29 @@ class MethodMerge(StreamingMerge):
             merged[key] = values[0] if all(v == values[0] for v in values) else values
         return merged
 
+    def _fold(self, name: str, base: LazyTensor, params: Dict[str, Any], t: float) -> torch.Tensor:
+        """task_arithmetic is linear in τ: θ0 + Σ (λ·w_i[/Σw])·τ_i, folded like ``apply``.
+
+        One fp32 accumulator and one input at a time instead of a (T, shape) stack of τ; the
+        same numbers as the stacked formula up to fp32 rounding.
+        """
+        from .merged import fold_linear
+
+        w = [float(evaluate(task.weight, name, t)) for task in self.tasks]
+        if params.get("normalize"):
+            total = math.fsum(w)
+            w = [x / (total if abs(total) >= 1e-8 else 1.0) for x in w]
+        lam = float(params.get("lambda", 1.0))
+        return fold_linear(name, base, [(lam * x, task.vector) for x, task in zip(w, self.tasks)], self.base.store)
+
     def compute(self, name: str, base: LazyTensor) -> torch.Tensor:
-        base_tensor = base.get()
         if name not in self._touched:
-            return base_tensor
+            return base.get()
+        if self.spec.name == "task_arithmetic" and self.spec.scope != "layer":
+            params = self.params_for(name)
+            if _scalar_params(params, {"lambda", "normalize"}):
+                return self._fold(name, base, params, layer_position(name, self.num_layers))
+        base_tensor = base.get()
         t = layer_position(name, self.num_layers)
         if self.spec.scope == "layer":
             w_l, perm = self._layer_state(self._layer_of(name))
@@ -284,6 +303,11 @@ class MethodMerge(StreamingMerge):
             theta_b = self._permute_b(name, deltas[1] + base_tensor, perm)
             deltas[1] = theta_b - base_tensor
         return deltas
+
+
+def _scalar_params(params: Dict[str, Any], allowed: set) -> bool:
+    """Only ``allowed`` keys, each one value for all tasks (else the generic path validates them)."""
+    return set(params) <= allowed and not any(isinstance(v, (list, tuple)) for v in params.values())
 
 
 def build_merge(recipe: Recipe, *, token: Union[str, bool, None] = None) -> StreamingMerge:

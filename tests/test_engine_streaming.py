@@ -86,3 +86,30 @@ def test_blockwise_accumulate_is_bit_identical_to_one_op():
     want = torch.empty_like(acc)
     torch.mul(x, -1.3, out=want)
     assert torch.equal(scale_into_(torch.empty_like(acc), x, -1.3), want)
+
+
+def test_task_arithmetic_recipe_folds_to_the_formula(zoo, tmp_path):
+    """Recipes' task_arithmetic streams like ``apply`` (no τ stack): check it against the formula."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from hf_taskarith.method_merge import run_recipe
+    from hf_taskarith.recipe import load_recipe
+
+    r = tmp_path / "ta.yaml"
+    r.write_text(yaml.safe_dump({
+        "base": str(zoo["llama_base"]), "method": "task_arithmetic", "dtype": "float32",
+        "parameters": {"lambda": 0.8, "normalize": True},
+        "tasks": [{"model": str(zoo["llama_ft_a"]), "weight": 0.5}, {"model": str(zoo["llama_ft_b"]), "weight": -0.3},
+                  {"adapter": str(zoo["lora_b"]), "weight": 0.4}],
+    }))
+    got = load_file(run_recipe(load_recipe(r), tmp_path / "out", progress=False) / "model.safetensors")
+    from test_task_vectors import peft_merged_state
+
+    base, fa, fb = (load_file(Path(zoo[m]) / "model.safetensors") for m in ("llama_base", "llama_ft_a", "llama_ft_b"))
+    lora = peft_merged_state(zoo["llama_base"], zoo["lora_b"])  # θ0 + τ_lora from PEFT's own merge
+    c = [0.8 * w / 0.6 for w in (0.5, -0.3, 0.4)]
+    for k, b in base.items():
+        b = b.float()
+        want = b + c[0] * (fa[k].float() - b) + c[1] * (fb[k].float() - b) + c[2] * (lora[k].float() - b)
+        torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6, msg=k)
