@@ -369,14 +369,17 @@ class StreamingMerge(ABC):
         queue, so reading, math and disk writes of different tensors overlap.
         """
         writer = BackgroundWriter(StreamingShardWriter(folder, plan, shards=shards), max_queued=2)
+        order = [t.name for t in writer.writer.order()]
+        tensors = self.iter_tensors(out_dtype, device=device, order=order, progress=progress)
         try:
-            order = [t.name for t in writer.writer.order()]
-            for name, tensor in self.iter_tensors(out_dtype, device=device, order=order, progress=progress):
+            for name, tensor in tensors:
                 writer.put(name, tensor)
             writer.close()
         except BaseException:
             writer.abort()
             raise
+        finally:
+            tensors.close()  # on error: cancel queued reads now, not when the traceback is freed
 
     def _save_distributed(self, ctx, target: Path, plan: ShardPlan, out_dtype: torch.dtype, device: torch.device,
                           tok_dir: Path, progress: bool) -> None:
