@@ -283,19 +283,25 @@ def _elect_and_merge(
     weighted_election: bool,
     normalize: bool,
 ) -> torch.Tensor:
-    """TIES sign election and disjoint merge on sparsified (unweighted) deltas ``x``."""
+    """TIES sign election and disjoint merge on sparsified (unweighted) deltas ``x``.
+
+    ``x`` is the caller's temporary (every caller passes a freshly trimmed/dropped stack) and is
+    overwritten: weighting it in place and keeping the elected sign as a bool mask instead of a
+    float ±1 tensor saves (T + 2) full-size float temporaries per tensor; the values are the same.
+    """
     if majority_sign_method not in ("total", "frequency"):
         raise RecipeError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     t = x.shape[0]
     if weighted_election:
-        x = x * torch.tensor(w, dtype=x.dtype, device=x.device).view((t,) + (1,) * (x.dim() - 1))
+        x.mul_(torch.tensor(w, dtype=x.dtype, device=x.device).view((t,) + (1,) * (x.dim() - 1)))
     score = x.sum(0) if majority_sign_method == "total" else torch.sign(x).sum(0)
-    gamma = torch.where(score >= 0, 1.0, -1.0).to(x.dtype)
+    positive = score >= 0  # elected sign: +1 where True (a zero score elects +1), −1 elsewhere
     del score
     num = torch.zeros_like(x[0])
     den = torch.zeros_like(x[0])
     for i in range(t):
-        agree = (x[i] * gamma) > 0  # same sign as the elected one; zeros never agree
+        # same sign as the elected one, i.e. x·γ > 0; zeros never agree
+        agree = torch.where(positive, x[i] > 0, x[i] < 0)
         if weighted_election:
             num.add_(torch.where(agree, x[i], 0.0))
             den.add_(agree.to(x.dtype), alpha=w[i])
