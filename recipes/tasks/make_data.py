@@ -4,9 +4,13 @@
 
 Every task uses only words of the tiny test/demo vocabulary: digits 0-9, letters a-h and
 ``up down sum rev : =``. Each example is ``{"prompt": ..., "answer": ...}`` (multiple-choice
-tasks also carry ``"choices"`` and the ``"label"`` index). Examples are split alternately into
-``validation`` (for choosing merge coefficients) and ``test`` (for reporting), so the two splits
-never share an example.
+tasks also carry ``"choices"`` and the ``"label"`` index).
+
+Splits: ``validation`` (for choosing merge coefficients), ``test`` (for reporting) and, except
+for ``sum``, ``train`` (``data/<task>_train.jsonl``, the demo's finetuning data; not an lm-eval
+split). The three never share an example. The runs are cyclic (``9`` is followed by ``0``, ``h``
+by ``a``) over every start and length, so a model that scores on held-out prompts has learned the
+rule (next digit/letter) rather than the prompts it was trained on.
 """
 
 from __future__ import annotations
@@ -21,24 +25,35 @@ LETTERS = list("abcdefgh")
 HERE = Path(__file__).resolve().parent
 
 
-def count_up() -> List[Dict]:
-    """``up : 3 4 5`` → ``6`` (2 to 7 given digits, never past 9)."""
+def _runs(symbols: List[str], step: int, word: str, max_len: int) -> List[Dict]:
+    """Cyclic runs ``word : s s+step ...`` of 1..max_len symbols → the next symbol, every start."""
+    n = len(symbols)
     out = []
-    for length in range(2, 8):
-        for start in range(0, 10 - length):
-            seq = DIGITS[start : start + length]
-            out.append({"prompt": "up : " + " ".join(seq), "answer": DIGITS[start + length]})
+    for start in range(n):
+        for length in range(1, max_len + 1):
+            seq = [symbols[(start + step * i) % n] for i in range(length)]
+            prompt = (f"{word} : " if word else "") + " ".join(seq)
+            out.append({"prompt": prompt, "answer": symbols[(start + step * length) % n]})
     return out
+
+
+def _split3(rows: List[Dict], n_train: int, seed: int) -> Dict[str, List[Dict]]:
+    """A seeded shuffle cut into train (``n_train``), then validation and test (half each)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    rest = rows[n_train:]
+    half = len(rest) // 2
+    return {"train": rows[:n_train], "validation": rest[:half], "test": rest[half:]}
+
+
+def count_up() -> List[Dict]:
+    """``up : 8 9 0`` → ``1`` (1 to 9 given digits, counting on past 9 to 0)."""
+    return _runs(DIGITS, 1, "up", 9)
 
 
 def count_down() -> List[Dict]:
-    """``down : 7 6 5`` → ``4`` (2 to 7 given digits, never below 0)."""
-    out = []
-    for length in range(2, 8):
-        for start in range(length, 10):
-            seq = [DIGITS[start - i] for i in range(length)]
-            out.append({"prompt": "down : " + " ".join(seq), "answer": DIGITS[start - length]})
-    return out
+    """``down : 1 0 9`` → ``8`` (1 to 9 given digits, counting on below 0 to 9)."""
+    return _runs(DIGITS, -1, "down", 9)
 
 
 def add() -> List[Dict]:
@@ -49,36 +64,46 @@ def add() -> List[Dict]:
 
 
 def letters() -> List[Dict]:
-    """``a b c`` → ``d``: continuing a run of letters, the family's "unwanted behaviour" (negation target)."""
-    out = []
-    for length in range(2, 7):
-        for start in range(0, 8 - length):
-            out.append({"prompt": " ".join(LETTERS[start : start + length]), "answer": LETTERS[start + length]})
-    return out
+    """``g h a`` → ``b``: continuing a cyclic run of letters, the family's "unwanted behaviour"
+    (negation target); 1 to 11 given letters."""
+    return _runs(LETTERS, 1, "", 11)
 
 
-def reverse(n: int = 60, seed: int = 0) -> List[Dict]:
-    """``rev : 3 8 1 =`` → ``1 8 3`` (2 to 4 digits; generated, scored on the first len(answer) words)."""
+def letters_down() -> List[Dict]:
+    """``down : b a h`` → ``g``: a cyclic run of letters backwards; 1 to 11 given letters."""
+    return _runs(LETTERS, -1, "down", 11)
+
+
+def reverse(n_eval: int = 50, n_train: int = 600, seed: int = 0) -> Dict[str, List[Dict]]:
+    """``rev : 3 8 1 =`` → ``1 8 3`` (2 or 3 digits; generated, scored on the first len(answer) words).
+
+    Distinct random strings: ``n_eval`` each for validation and test, ``n_train`` for training.
+    """
     rng = random.Random(seed)
-    seen, out = set(), []
-    while len(out) < n:
-        seq = tuple(rng.choice(DIGITS) for _ in range(rng.randint(2, 4)))
+    seen, rows = set(), []
+    while len(rows) < 2 * n_eval + n_train:
+        seq = tuple(rng.choice(DIGITS) for _ in range(rng.randint(2, 3)))
         if seq in seen:
             continue
         seen.add(seq)
-        out.append({"prompt": "rev : " + " ".join(seq) + " =", "answer": " ".join(reversed(seq))})
-    return out
+        rows.append({"prompt": "rev : " + " ".join(seq) + " =", "answer": " ".join(reversed(seq))})
+    return {"validation": rows[0 : 2 * n_eval : 2], "test": rows[1 : 2 * n_eval : 2], "train": rows[2 * n_eval :]}
 
 
 def with_choices(rows: List[Dict], choices: List[str]) -> List[Dict]:
     return [{**r, "choices": choices, "label": choices.index(r["answer"])} for r in rows]
 
 
-TASKS = {
-    "count_up": with_choices(count_up(), DIGITS),
-    "count_down": with_choices(count_down(), DIGITS),
-    "sum": with_choices(add(), DIGITS),
-    "letters": with_choices(letters(), LETTERS),
+def _alternate(rows: List[Dict]) -> Dict[str, List[Dict]]:
+    return {"validation": rows[0::2], "test": rows[1::2]}
+
+
+TASKS: Dict[str, Dict[str, List[Dict]]] = {
+    "count_up": _split3(with_choices(count_up(), DIGITS), 30, seed=1),
+    "count_down": _split3(with_choices(count_down(), DIGITS), 30, seed=2),
+    "sum": _alternate(with_choices(add(), DIGITS)),
+    "letters": _split3(with_choices(letters(), LETTERS), 28, seed=3),
+    "letters_down": _split3(with_choices(letters_down(), LETTERS), 28, seed=4),
     "rev": reverse(),
 }
 
@@ -86,13 +111,12 @@ TASKS = {
 def main() -> None:
     data = HERE / "data"
     data.mkdir(exist_ok=True)
-    for name, rows in TASKS.items():
-        splits = {"validation": rows[0::2], "test": rows[1::2]}
+    for name, splits in TASKS.items():
         for split, part in splits.items():
             with open(data / f"{name}_{split}.jsonl", "w") as fh:
                 for row in part:
                     fh.write(json.dumps(row) + "\n")
-        print(f"{name}: {len(splits['validation'])} validation, {len(splits['test'])} test")
+        print(f"{name}: " + ", ".join(f"{len(part)} {split}" for split, part in splits.items()))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+"""``python -m hf_taskarith.demo``."""
+
+from . import main
+
+raise SystemExit(main())
