@@ -213,21 +213,22 @@ class StreamingMerge(ABC):
             tensors.append(PlannedTensor(name, tuple(store.shape(name)), out))
         return ShardPlan.build(tensors, parse_size(max_shard_size))
 
-    def _one(self, name: str, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _one(self, name: str, out_dtype: torch.dtype, device: torch.device, pinned: bool = False) -> torch.Tensor:
         store = self.base.store
         if not store.dtype(name).is_floating_point:
             return store.get(name)  # integer buffers are copied unchanged
         if device.type == "cuda":
-            return self._one_cuda(name, out_dtype, device)
+            return self._one_cuda(name, out_dtype, device, pinned)
         merged = self.compute(name, LazyTensor(lambda: store.get(name), store.shape(name), device))
         return merged.to(dtype=out_dtype)
 
-    def _one_cuda(self, name: str, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def _one_cuda(self, name: str, out_dtype: torch.dtype, device: torch.device, pinned: bool) -> torch.Tensor:
         """One tensor on the GPU: pinned async reads in, math on this worker's stream, one sync out.
 
         Each read-ahead worker thread has its own CUDA stream, so one tensor's copies overlap
-        another's math; the only synchronisation is the copy of the result back to pinned host
-        memory for the writer.
+        another's math; the only synchronisation is the copy of the result back to host memory
+        (pinned for the writer, which frees each tensor at once; pageable for callers that keep
+        them, so a materialised model never pins the whole model's RAM).
         """
         from .checkpoint import reads_to_device
 
@@ -236,7 +237,7 @@ class StreamingMerge(ABC):
         with torch.cuda.device(device), torch.cuda.stream(stream), reads_to_device(device):
             merged = self.compute(name, LazyTensor(lambda: store.get(name), store.shape(name), device))
             merged = merged.to(dtype=out_dtype)
-            host = torch.empty(merged.shape, dtype=out_dtype, pin_memory=True)
+            host = torch.empty(merged.shape, dtype=out_dtype, pin_memory=pinned)
             host.copy_(merged, non_blocking=True)
             stream.synchronize()
         return host
@@ -249,6 +250,7 @@ class StreamingMerge(ABC):
         order: Optional[List[str]] = None,
         read_ahead: int = 2,
         progress: bool = False,
+        pinned: bool = False,
     ) -> Iterator[Tuple[str, torch.Tensor]]:
         """Yield ``(name, merged tensor)`` one at a time, in the base's file order.
 
@@ -262,6 +264,8 @@ class StreamingMerge(ABC):
             order: Names in the order wanted (default: base file order).
             read_ahead: Tensors read and computed ahead in worker threads (bounds memory).
             progress: Show an HF-style progress bar.
+            pinned: With CUDA, return results in pinned host memory (faster copies back; for
+                consumers that drop each tensor soon, like the writer).
         """
         self._ensure_valid()
         out_dtype = self.output_dtype(dtype)
@@ -277,7 +281,7 @@ class StreamingMerge(ABC):
             names = iter(order)
             try:
                 for name in names:
-                    pending.append((name, pool.submit(self._one, name, out_dtype, dev)))
+                    pending.append((name, pool.submit(self._one, name, out_dtype, dev, pinned)))
                     if len(pending) >= workers:
                         break
                 while pending:
@@ -285,7 +289,7 @@ class StreamingMerge(ABC):
                     result = fut.result()
                     nxt = next(names, None)
                     if nxt is not None:
-                        pending.append((nxt, pool.submit(self._one, nxt, out_dtype, dev)))
+                        pending.append((nxt, pool.submit(self._one, nxt, out_dtype, dev, pinned)))
                     bar.update(1)
                     yield name, result
                     del result
@@ -370,7 +374,7 @@ class StreamingMerge(ABC):
         """
         writer = BackgroundWriter(StreamingShardWriter(folder, plan, shards=shards), max_queued=2)
         order = [t.name for t in writer.writer.order()]
-        tensors = self.iter_tensors(out_dtype, device=device, order=order, progress=progress)
+        tensors = self.iter_tensors(out_dtype, device=device, order=order, progress=progress, pinned=True)
         try:
             for name, tensor in tensors:
                 writer.put(name, tensor)
