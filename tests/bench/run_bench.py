@@ -93,9 +93,14 @@ def render_section(name: str, res: SectionResult, ctx: "Context") -> str:
     """Markdown for one section, markers included."""
     out = [f"<!-- section:{name} -->", f"## {res.title}", ""]
     runs = res.runs_text or f"median of {ctx.repeats} run{'s' if ctx.repeats != 1 else ''}"
+    load = res.data.get("loadavg")
+    load_text = (
+        f" 1-minute load average {load[0]:.1f} at the start and {load[1]:.1f} at the end of the section"
+        " (other jobs shared the machine: timings are noisy)." if load else ""
+    )
     out.append(
         f"_Measured {ctx.started} on {ctx.machine['summary']}; git {ctx.machine['git']}; "
-        f"{runs} after an untimed read of the inputs (warm page cache). "
+        f"{runs} after an untimed read of the inputs (warm page cache).{load_text} "
         f"Rerun: `{ctx.rerun_command(name)}`._"
     )
     out.append("")
@@ -269,11 +274,12 @@ class Context:
 
     # ---- running
     def measure(
-        self, cmd: Sequence[str], warm: Sequence[Path], section: str, repeats: Optional[int] = None
+        self, cmd: Sequence[str], warm: Sequence[Path], section: str, repeats: Optional[int] = None,
+        env_extra: Optional[Dict[str, str]] = None,
     ) -> _measure.Measurement:
         """``measure.measure`` with the harness defaults: repeats (``--repeats`` unless given), fresh
-        output folder before each run, offline HF env, per-run timeout."""
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        output folder before each run, offline HF env (plus ``env_extra``), per-run timeout."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
         print(f"[bench] {self.display(cmd)}", file=sys.stderr, flush=True)
         m = _measure.measure(
             cmd,
@@ -482,6 +488,35 @@ def verify_linear_merge(
 # --------------------------------------------------------------------------- sections
 
 
+@section("summary", "Summary: targets from the issue tracker")
+def section_summary(ctx: Context) -> SectionResult:
+    """Every section's targets, from results.json (this run's or the last run of that section)."""
+    secs = ctx.results.get("sections", {})
+    table = ["| Section (measured) | Target | Measured | Result |", "|---|---|---:|---|"]
+    for name in SECTIONS:
+        if name == "summary" or name not in secs:
+            continue
+        for t in secs[name].get("targets", []):
+            table.append(f"| [{name}](#{_anchor(SECTIONS[name].title)}) ({secs[name]['date']}) | {t['target']} "
+                         f"| {t['measured']} | {_pass(t['pass'])} |")
+        if secs[name].get("skipped"):
+            table.append(f"| {name} ({secs[name]['date']}) | — | not run: {secs[name]['skipped']} | n/a |")
+    res = SectionResult(title=SECTIONS["summary"].title, table=table)
+    res.runs_text = "collected from the sections below"
+    res.intro = (
+        "Each row comes from its section below, which has the commands, the runs and the details. The machine "
+        "is a shared 2-core VM: other jobs ran during these measurements (each section states the load average), "
+        "so absolute times are noisy; ratios are measured within one run of one section."
+    )
+    res.data["loadavg"] = None
+    return res
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor for a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).strip().replace(" ", "-")
+
+
 @section("floor", "IO floor")
 def section_floor(ctx: Context) -> SectionResult:
     """Read all tensors of BASE and 3 finetunes and write one model with plain safetensors."""
@@ -555,6 +590,12 @@ def section_apply(ctx: Context) -> SectionResult:
         ok, lines = verify_linear_merge(base, fts, weights, out, sample)
         res.notes.append("\n".join(lines))
         res.data["verify_failed"] = not ok
+        rss = m.peak_rss_bytes / GB
+        res.data["targets"] = [
+            {"target": f"`apply` peak RSS ≤ {RSS_TARGET_GB:g} GB", "measured": f"{rss:.2f} GB", "pass": rss <= RSS_TARGET_GB},
+            {"target": "`apply` wall within a small factor of the IO floor", "measured":
+             f"{m.median_wall_s / floor:.2f}× ({m.median_wall_s:.1f} s vs {floor:.1f} s)" if floor else "—", "pass": None},
+        ]
     if not ctx.args.keep_outputs:
         shutil.rmtree(ctx.out_dir / "apply", ignore_errors=True)
     return res
@@ -912,6 +953,402 @@ def _verdict(method: str, c: dict) -> Tuple[bool, str]:
     )
 
 
+# --------------------------------------------------------------------------- scaling (issue 9)
+
+#: Peak RSS may grow by less than this fraction when the model's depth doubles (issue 9).
+SCALING_RSS_GROWTH = 0.10
+
+
+def _method_cmd(ctx: Context, method: str, base: Path, fts: Sequence[Path], out: Path, tag: str) -> List[str]:
+    cfg_dir = ctx.work / "configs"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    density = METHOD_DENSITY if method != "task_arithmetic" else None
+    cfg = cfg_dir / f"{method}_{tag}.yml"
+    cfg.write_text(mergekit_config(method, base, fts, METHOD_WEIGHTS, density))
+    ctx._placeholders[str(cfg)] = f"{method}.yml"
+    return [str(ctx.bin / "hf-taskarith"), "-q", "merge", str(cfg), "--out", str(out), "--overwrite"]
+
+
+@section("scaling", "Peak memory when the model doubles (issue 9)")
+def section_scaling(ctx: Context) -> SectionResult:
+    """Ours at 1x (16 layers) and 2x (32 layers): apply and the three methods, peak RSS growth."""
+    small, big = ctx.layers, 2 * ctx.layers
+    suites = {small: ctx.suite(small), big: ctx.suite(big)}
+    ctx._placeholders[str(suites[small][0])] = "BASE"
+    jobs = [j.strip() for j in ctx.args.scaling_jobs.split(",") if j.strip()]
+    bad = [j for j in jobs if j not in ("apply", "task_arithmetic", "ties", "dare_ties")]
+    if bad:
+        raise ValueError(f"--scaling-jobs: unknown {bad}; use apply, task_arithmetic, ties, dare_ties")
+    reps = {"apply": ctx.repeats, "task_arithmetic": ctx.repeats, "ties": 1, "dare_ties": 1}
+    per: Dict[Tuple[str, int], _measure.Measurement] = {}
+    for job in jobs:
+        for layers in (small, big):
+            base, fts = suites[layers]
+            out = ctx.output("scaling", f"{job}_L{layers}")
+            if job == "apply":
+                cmd = [str(ctx.bin / "hf-taskarith"), "apply", "--base", str(base)]
+                for ft, w in zip(fts, METHOD_WEIGHTS):
+                    cmd += ["--task", f"{ft}:{w}"]
+                cmd += ["--out", str(out), "--dtype", "bfloat16", "--overwrite"]
+            else:
+                cmd = _method_cmd(ctx, job, base, fts, out, f"L{layers}")
+            per[(job, layers)] = ctx.measure(cmd, [base, *fts], "scaling", repeats=reps[job])
+    if not ctx.args.keep_outputs:
+        shutil.rmtree(ctx.out_dir / "scaling", ignore_errors=True)
+    size = {L: sum(f.stat().st_size for f in suites[L][0].glob("*.safetensors")) for L in (small, big)}
+    table = [
+        f"| Command | Wall {small} layers (s) | Wall {big} layers (s) | Peak RSS {small} layers (GB) "
+        f"| Peak RSS {big} layers (GB) | RSS growth | Target < {SCALING_RSS_GROWTH:.0%} | Runs |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    growth = {}
+    for job in jobs:
+        a, b = per[(job, small)], per[(job, big)]
+        g = b.peak_rss_bytes / a.peak_rss_bytes - 1 if a.ok and b.ok else None
+        growth[job] = g
+        label = "`hf-taskarith apply`" if job == "apply" else f"`hf-taskarith merge` {job}"
+        table.append(
+            f"| {label} | {_fmt_s(a)} | {_fmt_s(b)} | {_fmt_gb(a)} | {_fmt_gb(b)} | "
+            f"{'—' if g is None else f'{g:+.1%}'} | {_pass(None if g is None else g < SCALING_RSS_GROWTH)} | {len(b.runs)} |"
+        )
+    res = SectionResult(
+        title=SECTIONS["scaling"].title,
+        intro=(
+            f"The same commands as the `apply` and `methods` sections (weights {', '.join(map(str, METHOD_WEIGHTS))}, "
+            f"density {METHOD_DENSITY}, bf16 output) on the {small}-layer model ({size[small] / GB:.2f} GB per checkpoint) "
+            f"and on the same model with {big} layers ({size[big] / GB:.2f} GB per checkpoint; `tests/bench/synth.py "
+            f"--layers {big}`). Both have the same largest tensors (embeddings and `lm_head`, 32000×2048), so a "
+            "streaming engine's peak should not move. `ties` and `dare_ties` run once per size, and only when "
+            "asked for (`--scaling-jobs apply,task_arithmetic,ties,dare_ties`: about 15 more minutes on 2 cores)."
+        ),
+        table=table,
+        legend=ctx.model_legend(),
+    )
+    res.runs_text = f"median of up to {ctx.repeats} runs (counts in the table)"
+    for (job, layers), m in per.items():
+        if not m.ok:
+            res.rows.append(Row(ctx.display(m.cmd), m))
+    res.data["targets"] = [
+        {"target": f"peak RSS growth < {SCALING_RSS_GROWTH:.0%} from {small} to {big} layers: {job}",
+         "measured": "—" if g is None else f"{g:+.1%}", "pass": None if g is None else g < SCALING_RSS_GROWTH}
+        for job, g in growth.items()
+    ]
+    res.data.update({"growth": growth, "walls": {f"{j}_L{l}": m.median_wall_s for (j, l), m in per.items()},
+                     "rss": {f"{j}_L{l}": m.peak_rss_bytes for (j, l), m in per.items()}})
+    return res
+
+
+# --------------------------------------------------------------------------- top-k (issue 9)
+
+
+@section("topk", "Exact top-k threshold: alternatives (issue 9)")
+def section_topk(ctx: Context) -> SectionResult:
+    """``topk_bench.py`` in a child process: kthvalue, topk, sort, radix select, ours."""
+    out = ctx.work / "topk.json"
+    cmd = [ctx.python, str(HERE / "topk_bench.py"), "--rows", "5632", "--cols", "2048", "--density", str(METHOD_DENSITY),
+           "--repeats", str(max(3, ctx.repeats + 2)), "--json", str(out)]
+    ctx._placeholders[str(out)] = "bench_work/topk.json"
+    m = ctx.measure(cmd, [], "topk", repeats=1)
+    res = SectionResult(title=SECTIONS["topk"].title)
+    res.runs_text = "interleaved runs, median per candidate"
+    if not m.ok:
+        res.rows.append(Row(ctx.display(cmd), m))
+        return res
+    r = json.loads(out.read_text())
+    labels = list(r["inputs"])
+    cands = list(r["inputs"][labels[0]]["median_s"])
+    table = ["| Candidate | " + " | ".join(f"{lb}: median (s) | exact" for lb in labels) + " |",
+             "|---|" + "---:|---|" * len(labels)]
+    for c in cands:
+        cells = []
+        for lb in labels:
+            v = r["inputs"][lb]
+            cells += [f"{v['median_s'][c]:.3f}", "yes" if v["exact"][c] else "**NO**"]
+        table.append(f"| {c} | " + " | ".join(cells) + " |")
+    cells = []
+    for lb in labels:
+        v = r["inputs"][lb]
+        cells += [f"{v['abs_pass_median_s']:.3f}", "—"]
+    table.append("| the `abs` pass before any of them | " + " | ".join(cells) + " |")
+    cells = []
+    for lb in labels:
+        v = r["inputs"][lb]
+        cells += [f"{v['topk_mask_median_s']:.3f}", "yes" if v["topk_mask_exact"] else "**NO**"]
+    table.append("| `methods.topk_mask` (abs + threshold + exactly-k mask) | " + " | ".join(cells) + " |")
+    res.table = table
+    v0 = r["inputs"][labels[-1]]
+    res.intro = (
+        f"`{ctx.display(cmd)}`: the k-th largest |τ| of one {r['shape'][0]}×{r['shape'][1]} float32 tensor "
+        f"(an MLP matrix of the benchmark model; n = {v0['n']:,}, k = int({r['density']}·n) = {v0['k']:,}), "
+        f"torch {ctx.machine['torch']} with {r['threads']} threads. Every candidate must return the same float32 bits "
+        "as `torch.kthvalue` (\"exact\"). Inputs: an fp32 Gaussian, and a realistic delta (bf16 finetune − bf16 "
+        f"base: few distinct values, {v0['tied_at_threshold']:,} entries tied at the threshold). "
+        "`topk_mask` must keep exactly k entries, all ≥ every dropped one, ties at the threshold by lowest index. "
+        "See the docstring of `tests/bench/topk_bench.py` for the algorithms."
+    )
+    fastest = {lb: min(r["inputs"][lb]["median_s"], key=r["inputs"][lb]["median_s"].get) for lb in labels}
+    res.notes.append("Fastest exact candidate: " + "; ".join(f"{lb}: {c}" for lb, c in fastest.items()) + ".")
+    res.data["topk"] = r
+    return res
+
+
+# --------------------------------------------------------------------------- adapters (issue 4)
+
+ADAPTER_SPEEDUP_TARGET = 100.0
+
+
+def _last_json(m: _measure.Measurement) -> List[dict]:
+    out = []
+    for run in m.runs:
+        for line in reversed(run.stdout_tail.splitlines()):
+            if line.startswith("{"):
+                out.append(json.loads(line))
+                break
+    return out
+
+
+@section("adapter", "LoRA-native svd merge vs PEFT `add_weighted_adapter(svd)` (issue 4)")
+def section_adapter(ctx: Context) -> SectionResult:
+    """4 adapters, r=16, Llama-7B module shapes: PEFT svd on 1 layer, ours on 1 and N layers."""
+    import statistics
+
+    script = HERE / "adapter_bench.py"
+    n_big = ctx.args.adapter_layers
+    roots = {1: ctx.work / "adapters" / "L1", n_big: ctx.work / "adapters" / f"L{n_big}"}
+    for layers, root in roots.items():
+        subprocess.run([ctx.python, str(script), "make", str(root), "--layers", str(layers)], check=True)
+        ctx._placeholders[str(root)] = f"ADAPTERS_L{layers}"
+    outs = ctx.out_dir / "adapter_keep"
+    shutil.rmtree(outs, ignore_errors=True)
+    outs.mkdir(parents=True)
+    runs: List[Tuple[str, str, int, _measure.Measurement]] = []
+
+    def run(label: str, kind: str, layers: int, cmd: List[str], repeats: int, env=None) -> _measure.Measurement:
+        m = ctx.measure(cmd, [roots[layers]], "adapter", repeats=repeats, env_extra=env)
+        runs.append((label, kind, layers, m))
+        return m
+
+    peft_out, peft_thin_out, ours_out = outs / "peft", outs / "peft_thin", outs / "ours"
+    for p in (peft_out, peft_thin_out, ours_out):
+        ctx._placeholders[str(p)] = "OUT"
+    m_peft = run("PEFT `add_weighted_adapter(combination_type=\"svd\", svd_rank=16)` (its default `svd_full_matrices=True`)",
+                 "peft", 1, [ctx.python, str(script), "peft", str(roots[1]), str(peft_out)], 1)
+    if ctx.args.adapter_peft_thin:
+        run("PEFT, same with `svd_full_matrices=False`", "peft", 1,
+            [ctx.python, str(script), "peft", str(roots[1]), str(peft_thin_out), "--no-full-matrices"], 1)
+    m_ours1 = run("ours: `AdapterMerge(mode=\"svd\", rank=16).save_pretrained` (reads adapters, writes the adapter)",
+                  "ours", 1, [ctx.python, str(script), "ours", str(roots[1]), str(ours_out)], ctx.repeats)
+    run("ours, same", "ours", n_big,
+        [ctx.python, str(script), "ours", str(roots[n_big]), str(outs / "ours_big")], ctx.repeats)
+    # Many small LAPACK calls: on an oversubscribed machine OpenMP's second thread mostly waits.
+    run("ours, same, `OMP_NUM_THREADS=1`", "ours", n_big,
+        [ctx.python, str(script), "ours", str(roots[n_big]), str(outs / "ours_big1")], ctx.repeats,
+        env={"OMP_NUM_THREADS": "1"})
+    # the whole CLI process on a recipe
+    for layers, root in roots.items():
+        rec = ctx.work / "configs" / f"adapter_svd_L{layers}.yaml"
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        rec.write_text(
+            f"base: {root / 'base'}\nmethod: task_arithmetic\ntasks:\n"
+            + "".join(f"  - adapter: {root / f'ad{k}'}\n    weight: {w}\n" for k, w in enumerate((0.4, 0.3, 0.2, 0.1), 1))
+            + "output: {format: adapter, mode: svd, rank: 16}\n"
+        )
+        ctx._placeholders[str(rec)] = f"adapter_svd_L{layers}.yaml"
+        run("ours, whole CLI process on a recipe (`output: {format: adapter, mode: svd, rank: 16}`)", "cli", layers,
+            [str(ctx.bin / "hf-taskarith"), "-q", "merge", str(rec), "--out", str(ctx.output("adapter", f"cli{layers}")),
+             "--overwrite"], ctx.repeats)
+
+    table = [
+        "| Merge | Layers (modules) | Runs | Merge call (s) | Per layer (s) | Process wall (s) | Process peak RSS (GB) "
+        "| RSS added by the call (GB) | PEFT per-layer time / this |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    peft_js = _last_json(m_peft) if m_peft.ok else []
+    peft_layer_s = peft_js[0]["per_layer_s"] if peft_js else None
+    summary = []
+    for label, kind, layers, m in runs:
+        js = _last_json(m) if m.ok else []
+        if kind == "cli":
+            call = per_layer = None
+            per_layer = m.median_wall_s / layers if m.ok else None
+        else:
+            call = statistics.median(j["merge_s"] for j in js) if js else None
+            per_layer = call / layers if call is not None else None
+        added = max(j["maxrss_gb"] - j["rss_before_gb"] for j in js) if js else None
+        speed = peft_layer_s / per_layer if peft_layer_s and per_layer else None
+        summary.append({"label": label, "kind": kind, "layers": layers, "call_s": call, "per_layer_s": per_layer,
+                        "wall_s": m.median_wall_s, "rss": m.peak_rss_bytes, "speedup": speed, "json": js})
+        f = lambda x, d=2: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+        table.append(
+            f"| {label} | {layers} ({7 * layers}) | {len(m.runs)} | {f(call, 3)} | {f(per_layer, 3)} | {_fmt_s(m)} "
+            f"| {_fmt_gb(m)} | {f(added)} | {'—' if speed is None else f'{speed:,.0f}×'} |"
+        )
+        if not m.ok:
+            res_fail = Row(ctx.display(m.cmd), m)
+            summary[-1]["failed_row"] = res_fail
+    res = SectionResult(title=SECTIONS["adapter"].title, table=table)
+    res.rows = [s.pop("failed_row") for s in summary if "failed_row" in s]
+    res.runs_text = f"median of {ctx.repeats} runs for ours, 1 run for PEFT (run counts in the table)"
+    # errors on layer 0
+    err = None
+    if m_peft.ok and m_ours1.ok:
+        print("[bench] adapter: Frobenius errors on layer 0 (dense float64 SVD)", file=sys.stderr, flush=True)
+        r = subprocess.run([ctx.python, str(script), "errors", str(roots[1]), str(peft_out), str(ours_out)],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            err = json.loads(r.stdout.strip().splitlines()[-1])
+        else:
+            res.notes.append(f"**FAILED** computing errors:\n\n```\n{r.stderr[-2000:]}\n```")
+    if err:
+        etab = ["| Module (layer 0) | ‖ΔW‖_F | dense best rank-16 error | PEFT svd error | ours svd error | ours / best − 1 |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for row in err["modules"]:
+            etab.append(f"| `{row['module']}` | {row['norm']:.6g} | {row['best']:.6g} | {row['peft']:.6g} | {row['ours']:.6g} "
+                        f"| {row['ours'] / row['best'] - 1:+.1e} |")
+        t = err["total"]
+        etab.append(f"| all 7 | {t['norm']:.6g} | {t['best']:.6g} | {t['peft']:.6g} | {t['ours']:.6g} | {t['ours'] / t['best'] - 1:+.1e} |")
+        res.table += ["", *etab]
+    ours_layer = [s for s in summary if s["kind"] == "ours"]
+    best_speed = min((s["speedup"] for s in ours_layer if s["speedup"]), default=None)
+    err_ok = err is not None and err["total"]["ours"] <= err["total"]["peft"] * (1 + 1e-6)
+    err_text = "—" if err is None else f"ours {err['total']['ours']:.6g} vs PEFT {err['total']['peft']:.6g}"
+    res.data["targets"] = [
+        {"target": f"adapter svd merge ≥ {ADAPTER_SPEEDUP_TARGET:.0f}× faster than PEFT svd per layer",
+         "measured": "—" if best_speed is None else f"{best_speed:,.0f}×",
+         "pass": None if best_speed is None else best_speed >= ADAPTER_SPEEDUP_TARGET},
+        {"target": "adapter svd error ≤ PEFT's", "measured": err_text, "pass": None if err is None else err_ok},
+    ]
+    res.table += ["", "| Target (issue tracker) | Measured | Result |", "|---|---:|---|",
+                  f"| ours ≥ {ADAPTER_SPEEDUP_TARGET:.0f}× faster than PEFT svd per layer (merge call vs merge call) | "
+                  f"{'—' if best_speed is None else f'{best_speed:,.0f}× (the lower of 1 and {n_big} layers)'} | "
+                  f"{_pass(None if best_speed is None else best_speed >= ADAPTER_SPEEDUP_TARGET)} |",
+                  f"| same or lower Frobenius error than PEFT (layer 0, all 7 modules) | {err_text} | "
+                  f"{_pass(None if err is None else err_ok)} |"]
+    res.intro = (
+        "Four synthetic PEFT LoRA adapters (r = 16, lora_alpha 16/32/32/64, weights 0.4/0.3/0.2/0.1) on Llama-7B "
+        "module shapes (hidden 4096, intermediate 11008; q, k, v, o, gate, up, down of every layer), built by "
+        "`tests/bench/adapter_bench.py make` (A ~ N(0, 1/in), B ~ 0.01·N(0, 1), seeded per adapter and module, so "
+        f"layer 0 is the same in `ADAPTERS_L1` and `ADAPTERS_L{n_big}`). PEFT {_peft_version(ctx)} merges them with "
+        "`add_weighted_adapter(combination_type=\"svd\")` on a `PeftModel` whose 1-layer Llama base was built on the "
+        "meta device and given uninitialised memory (its weights play no part in the merge); it forms each dense ΔW and "
+        "runs a dense SVD per module, so it runs on ONE layer only. Ours computes the same best rank-16 approximation "
+        "from QR of the stacked factors and an SVD of the 64×64 core, never forming ΔW. \"Merge call\" is the time of "
+        "the merge call itself inside the process (PEFT: `add_weighted_adapter` with the adapters already loaded; ours: "
+        "`AdapterMerge.save_pretrained`, which also reads the four adapter files and writes the merged adapter); the "
+        "process columns are the whole child process (imports, model build, loading). \"RSS added by the call\" is the "
+        "process's peak RSS minus its RSS just before the call."
+    )
+    res.notes.append(
+        "Errors: for each module of layer 0, the dense ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ in float64 and its singular values "
+        "(`torch.linalg.svdvals` of ΔW·Q with Q an orthonormal basis of the stacked Aᵢ's row space, so ΔW = ΔW·Q·Qᵀ "
+        "exactly; checked against ‖ΔW‖_F; independent of both merges); the dense best rank-16 error is the norm of the singular "
+        "values beyond 16 (Eckart–Young), and each merge's error is ‖ΔW − B·A‖_F of its output adapter (scaling "
+        "lora_alpha/r applied; both write alpha = r)."
+    )
+    res.data.update({"summary": [{k: v for k, v in s.items() if k != "json"} | {"json": s["json"]} for s in summary],
+                     "errors": err})
+    return res
+
+
+def _peft_version(ctx: Context) -> str:
+    r = subprocess.run([ctx.python, "-c", "import peft; print(peft.__version__)"], capture_output=True, text=True)
+    return r.stdout.strip() or "?"
+
+
+# --------------------------------------------------------------------------- search overhead (issue 6)
+
+SEARCH_POINT_TARGET_S = 1.0
+
+
+@section("search", "Coefficient search: per-point overhead without evaluation (issue 6)")
+def section_search(ctx: Context) -> SectionResult:
+    """apply + revert in place vs save + reload, per grid point, on the benchmark model."""
+    base, fts = ctx.suite()
+    script = HERE / "search_bench.py"
+    tmp = ctx.output("search", "candidate")
+    modes = [("inplace", "in place: `InPlaceDelta.apply(λ)` + `revert()` (search defaults: fp32 deltas cached on CPU)"),
+             ("inplace-nocache", "in place with `cache=False` (deltas recomputed from the checkpoints every point)"),
+             ("save-reload", "write each candidate and load it: `(BASE + λ·τ).save_pretrained` + `from_pretrained`")]
+    per = {}
+    for mode, _ in modes:
+        cmd = [ctx.python, str(script), mode, str(base), *map(str, fts), "--tmp", str(tmp), "--points", str(ctx.args.search_points)]
+        m = ctx.measure(cmd, [base, *fts], "search", repeats=1)
+        js = _last_json(m) if m.ok else []
+        per[mode] = (cmd, m, js[0] if js else None)
+    if not ctx.args.keep_outputs:
+        shutil.rmtree(ctx.out_dir / "search", ignore_errors=True)
+    table = ["| Per grid point | One-time model load (s) | First point (s) | Median point after the first (s) "
+             "| Process peak RSS (GB) | Reverted weights bitwise equal to the checkpoint |",
+             "|---|---:|---:|---:|---:|---|"]
+    for mode, label in modes:
+        cmd, m, js = per[mode]
+        if js is None:
+            table.append(f"| {label} | **FAILED** | — | — | — | — |")
+            continue
+        bw = js.get("revert_bitwise_all")
+        table.append(f"| {label} | {js['load_s']:.2f} | {js['first_point_s']:.2f} | {js['median_point_s']:.2f} "
+                     f"| {_fmt_gb(m)} | {'—' if bw is None else ('yes' if bw else '**NO**')} |")
+    ip = per["inplace"][2]
+    sr = per["save-reload"][2]
+    table += ["", "| Target (issue tracker) | Measured | Result |", "|---|---:|---|",
+              f"| per-point overhead ≤ {SEARCH_POINT_TARGET_S:g} s (in place, search defaults) | "
+              f"{'—' if ip is None else format(ip['median_point_s'], '.2f') + ' s'} | "
+              f"{_pass(None if ip is None else ip['median_point_s'] <= SEARCH_POINT_TARGET_S)} |"]
+    if ip and sr:
+        table.append(f"| in place vs save + reload | {sr['median_point_s'] / ip['median_point_s']:.1f}× faster | n/a |")
+    res = SectionResult(title=SECTIONS["search"].title, table=table, legend=ctx.model_legend())
+    res.runs_text = f"{ctx.args.search_points} grid points (λ = 0.2, 0.4, …) in one process per mode"
+    res.intro = (
+        f"`tests/bench/search_bench.py MODE BASE FT1 FT2 FT3 --points {ctx.args.search_points}`: τ = 0.5·τ₁ + 0.3·τ₂ + 0.2·τ₃ "
+        "of the benchmark model, and what `hf-taskarith search` does between two evaluations. The base is loaded once "
+        "(`AutoModelForCausalLM`, bf16); evaluation is not included. The first in-place point also computes the deltas "
+        "(and, by default, caches them: 4 bytes per parameter), which the search does once per run."
+    )
+    res.rows = [Row(ctx.display(c), m) for c, m, js in per.values() if not m.ok]
+    res.data["search"] = {k: v[2] for k, v in per.items()}
+    res.data["targets"] = [{
+        "target": f"search: per-point overhead ≤ {SEARCH_POINT_TARGET_S:g} s (apply + revert in place)",
+        "measured": "—" if ip is None else f"{ip['median_point_s']:.2f} s",
+        "pass": None if ip is None else ip["median_point_s"] <= SEARCH_POINT_TARGET_S}]
+    return res
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@section("gpu", "GPU (`--device cuda`)")
+def section_gpu(ctx: Context) -> SectionResult:
+    """apply and ties with --device cuda, when there is a GPU; otherwise says so."""
+    import torch
+
+    res = SectionResult(title=SECTIONS["gpu"].title)
+    if not torch.cuda.is_available():
+        res.runs_text = "nothing run"
+        res.intro = (
+            "**Not run: no CUDA device on this machine** (`torch.cuda.is_available()` is False; torch "
+            f"{ctx.machine['torch']}). On a machine with a GPU, `.venv/bin/python tests/bench/run_bench.py --only gpu` "
+            "times `hf-taskarith apply` and the `ties` merge with `--device cuda` on the same inputs."
+        )
+        res.data["skipped"] = "no CUDA"
+        return res
+    base, fts = ctx.suite()
+    floor = ctx.floor()
+    name = torch.cuda.get_device_name(0)
+    cmd = [str(ctx.bin / "hf-taskarith"), "apply", "--base", str(base)]
+    for ft, w in zip(fts, METHOD_WEIGHTS):
+        cmd += ["--task", f"{ft}:{w}"]
+    cmd += ["--out", str(ctx.output("gpu", "apply")), "--dtype", "bfloat16", "--overwrite", "--device", "cuda"]
+    res.rows.append(Row(ctx.display(cmd), ctx.measure(cmd, [base, *fts], "gpu"), floor, note="apply, cuda"))
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        c = _method_cmd(ctx, method, base, fts, ctx.output("gpu", method), "gpu") + ["--device", "cuda"]
+        res.rows.append(Row(ctx.display(c), ctx.measure(c, [base, *fts], "gpu"), floor, note=f"{method}, cuda"))
+    if not ctx.args.keep_outputs:
+        shutil.rmtree(ctx.out_dir / "gpu", ignore_errors=True)
+    res.intro = f"Device: {name}. Same inputs and commands as the CPU sections, with `--device cuda`."
+    res.legend = ctx.model_legend()
+    return res
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -951,6 +1388,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="runs in all for a command whose first run exceeds --slow-s (default 1; methods section)",
     )
     p.add_argument("--slow-s", type=float, default=60.0, help="see --repeats-slow (default 60 s)")
+    p.add_argument("--adapter-layers", type=int, default=4, help="layers for our adapter merges (PEFT runs on 1; default 4)")
+    p.add_argument("--adapter-peft-thin", action="store_true",
+                   help="adapter section: also time PEFT svd with svd_full_matrices=False (several more minutes)")
+    p.add_argument("--scaling-jobs", default="apply,task_arithmetic",
+                   help="scaling section: commands run at 1x and 2x depth (default apply,task_arithmetic; "
+                   "add ties,dare_ties for all three methods)")
+    p.add_argument("--search-points", type=int, default=5, help="grid points per mode in the search section (default 5)")
     p.add_argument("--keep-outputs", action="store_true", help="do not delete output folders after a section")
     p.add_argument("--strict", action="store_true", help="exit 1 when a command or a verification failed")
     p.add_argument("--list", action="store_true", help="list the sections and exit")
@@ -968,7 +1412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         print(f"unknown section(s): {', '.join(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
-    names = [n for n in SECTIONS if n in names]  # registry order
+    names = [n for n in SECTIONS if n in names and n != "summary"]  # registry order
+    names.append("summary")  # always refreshed, last: it reads the other sections' results
 
     ctx = Context(args)
     free = shutil.disk_usage(ctx.work.parent if not ctx.work.exists() else ctx.work).free
@@ -981,6 +1426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in names:
         print(f"[bench] == section {name} ==", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
+        load0 = os.getloadavg()[0]
         try:
             res = SECTIONS[name].fn(ctx)
         except Exception as err:  # a broken section must not lose the others' results
@@ -990,6 +1436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(tb, file=sys.stderr)
             res = SectionResult(title=SECTIONS[name].title, notes=[f"**FAILED**: the section raised `{type(err).__name__}: {err}`", "```\n" + tb[-3000:] + "```"])
             res.data["verify_failed"] = True
+        res.data.setdefault("loadavg", [load0, os.getloadavg()[0]])
         if res.failed:
             failed.append(name)
         rendered[name] = render_section(name, res, ctx)
