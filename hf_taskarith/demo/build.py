@@ -62,7 +62,8 @@ class DemoConfig:
     pretrain_batch: int = 32
     up_reps: int = 20  # copies of the count-up cycles in the pretraining corpus
     letters_reps: int = 10  # copies of the a-e letter runs (the format, a weak skill)
-    letters_down_reps: int = 3  # copies of the backward letter runs (a partial skill)
+    letters_down_reps: int = 1  # copies of the backward letter runs (a partial skill)...
+    letters_down_lines: int = 4  # ...of this many of its train runs
     rev_lines: int = 200  # reversal examples in the pretraining corpus (a partial skill)
     finetunes: Tuple[Finetune, ...] = (
         Finetune("count_down", "count_down", "full", epochs=40, lr=1e-3, batch_size=6, replay=1.0),
@@ -114,8 +115,8 @@ def pretraining_corpus(cfg: "DemoConfig") -> List[str]:
 
     * counting up: whole cycles ``up : 3 4 5 6 7 8 9 0 1 2 3`` from every start: learned well,
       the control skill (a skill the base has; finetunes and merges should not destroy it);
-    * counting letters down (``down : c b a h``): the ``train`` runs, a few times: the base does it
-      for some runs, the unwanted behaviour, partly present as in real pretraining data;
+    * counting letters down (``down : c b a h``): a third of the ``train`` runs, once: the base
+      does it for some runs, the unwanted behaviour, partly present as in real pretraining data;
     * letter runs forwards within ``a``-``e``: the format, a weak skill;
     * counting digits down: only ``train`` prompts of up to three digits: the format, barely the skill;
     * reversal: a third of the ``train`` strings (a skill the finetunes do not train);
@@ -124,7 +125,7 @@ def pretraining_corpus(cfg: "DemoConfig") -> List[str]:
     rng = random.Random(cfg.seed)
     up = ["up : " + " ".join(DIGITS[(s + i) % 10] for i in range(11)) for s in range(10)]
     letters = [" ".join(LETTERS[s:e]) for s in range(5) for e in range(s + 2, 6)]
-    letters_down = [f"{r['prompt']} {r['answer']}" for r in read_rows("letters_down", "train")]
+    letters_down = [f"{r['prompt']} {r['answer']}" for r in read_rows("letters_down", "train")[: cfg.letters_down_lines]]
     down = [f"{r['prompt']} {r['answer']}" for r in read_rows("count_down", "train") if len(r["prompt"].split()) <= 4]
     rev = [f"{r['prompt']} {r['answer']}" for r in read_rows("rev", "train")[: cfg.rev_lines]]
     lines: List[str] = []

@@ -25,7 +25,7 @@ from .build import DemoConfig, build_models, data_fingerprint
 logger = logging.getLogger("hf_taskarith.demo")
 
 #: bump when the pipeline's outputs change meaning (invalidates cached searches and evals)
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "3"
 
 CONTROL = "taskarith_count_up"
 TASK_A = "taskarith_count_down"  # full finetune
@@ -224,6 +224,7 @@ def run_pipeline(out: Path, cfg: DemoConfig, *, progress: bool = True) -> Dict[s
 
     results = summarise(rows, evals, searches, cfg=cfg, key=key, scale_epoch1=scale, folders=folders,
                         recipes_dir=recipes_dir)
+    results["outputs"]["models"] = {k: str(v) for k, v in paths.items()}
     results["seconds"] = round(time.time() - t0, 1)
     return results
 
@@ -233,6 +234,8 @@ def _rank(cfg: DemoConfig, name: str) -> int:
 
 
 def _lam(res) -> str:
+    if "weights" in res.chosen:  # coordinate search: one weight per task vector
+        return "(" + ", ".join(f"{w:g}" for w in res.chosen["weights"]) + ")"
     return f"{res.chosen.get('lambda', res.chosen.get('alpha')):g}"
 
 
