@@ -389,10 +389,12 @@ class LeafTaskVector(TaskVector):
     def add_delta_(
         self, acc: torch.Tensor, name: str, coef: float, base: TensorStore, base_tensor: torch.Tensor
     ) -> None:
-        """``acc += coef · τ[name]`` (fp32, on ``acc``'s device)."""
+        """``acc += coef · τ[name]`` (fp32, on ``acc``'s device; no fp32 copy of a bf16 input)."""
+        from .engine import add_scaled_
+
         for mult, identity, load in self.linear_parts(name):
-            t = base_tensor if identity == base.identity else load().to(acc.device, torch.float32)
-            acc.add_(t, alpha=coef * mult)
+            t = base_tensor if identity == base.identity else load().to(acc.device)
+            add_scaled_(acc, t, coef * mult)
         self.add_nonlinear_(acc, name, coef, base, base_tensor)
 
 
