@@ -95,7 +95,9 @@ def _recipe(base: Path, method: str, tasks: List[Dict[str, Any]], parameters: Op
             output: Optional[Dict[str, Any]] = None):
     from ..recipe import Recipe
 
-    data: Dict[str, Any] = dict(base=str(base), method=method, tasks=tasks, dtype="float32",
+    # absolute paths: the written recipes work from any directory
+    tasks = [{k: (str(Path(v).resolve()) if k in ("model", "adapter") else v) for k, v in t.items()} for t in tasks]
+    data: Dict[str, Any] = dict(base=str(Path(base).resolve()), method=method, tasks=tasks, dtype="float32",
                                 parameters=dict(parameters or {"lambda": 1.0}))
     if output:
         data["output"] = output
