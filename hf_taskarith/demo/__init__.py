@@ -22,7 +22,6 @@ cached under ``<out>/cache/<hash of the config and data>``: a second run takes s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time

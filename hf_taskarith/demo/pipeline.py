@@ -122,7 +122,7 @@ def run_pipeline(out: Path, cfg: DemoConfig, *, progress: bool = True) -> Dict[s
     torch.set_num_threads(cfg.threads)
     key = cache_key(cfg)
     cache = Cache(out / "cache" / key)
-    stages = 7
+    stages = 5
 
     def stage(i: int, text: str) -> None:
         logger.info("[%d/%d %5.1fs] %s", i, stages, time.time() - t0, text)
