@@ -85,7 +85,14 @@ _SAMPLE_SEED = 0x5EED  # private generator: deterministic, never touches the glo
 
 
 def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact k-th largest value (1 <= k <= n) of a flat float tensor, as a 0-d tensor.
+    """Exact k-th largest value (1 <= k <= n) of a flat float tensor, as a 0-d tensor
+    (see :func:`_kth_largest_counts`)."""
+    return _kth_largest_counts(a, k)[0]
+
+
+def _kth_largest_counts(a: torch.Tensor, k: int) -> Tuple[torch.Tensor, Optional[int], Optional[int]]:
+    """Exact k-th largest value v (1 <= k <= n) of a flat float tensor, with #(a > v) and #(a == v)
+    when they come for free (from the bracket), else ``None, None``.
 
     Small tensors go straight to ``torch.kthvalue``. Large ones: sort a random sample of 2^18
     entries and take a bracket [lo, hi] that holds the k-th largest with overwhelming probability
@@ -97,7 +104,7 @@ def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     """
     n = a.numel()
     if n <= 4 * _SAMPLE:
-        return torch.kthvalue(a, n - k + 1).values
+        return torch.kthvalue(a, n - k + 1).values, None, None
     gen = torch.Generator(device="cpu").manual_seed(_SAMPLE_SEED)
     idx = torch.randint(0, n, (_SAMPLE,), generator=gen).to(a.device)
     s = torch.sort(a[idx]).values
@@ -125,8 +132,13 @@ def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
         above = at_least_lo - inner.numel()  # entries > hi
         if above >= k:  # the k-th largest is above hi
             continue
-        return torch.kthvalue(inner, inner.numel() - (k - above) + 1).values
-    return torch.kthvalue(a.reshape(-1), n - k + 1).values
+        v = torch.kthvalue(inner, inner.numel() - (k - above) + 1).values
+        if lo is None:  # ``above`` then also counts NaNs (not <= hi): no counts
+            return v, None, None
+        # lo <= v <= hi: every entry equal to v is inside the bracket, every (non-NaN) entry above
+        # it is inside or among the ``above`` ones beyond hi.
+        return v, above + int(torch.count_nonzero(inner > v)), int(torch.count_nonzero(inner == v))
+    return torch.kthvalue(a.reshape(-1), n - k + 1).values, None, None
 
 
 def trim_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -158,12 +170,18 @@ def _topk_mask_abs(a: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=a.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=a.device)
-    v = _kth_largest(a, k)
-    mask = a >= v
-    if int(torch.count_nonzero(mask)) == k:
-        return mask
-    mask = a > v
-    need = k - int(torch.count_nonzero(mask))
+    v, n_gt, n_eq = _kth_largest_counts(a, k)
+    if n_gt is not None:  # counts from the bracket: one pass less, and none when nothing is tied
+        if n_gt + n_eq == k:
+            return a >= v
+        mask = a > v
+        need = k - n_gt
+    else:
+        mask = a >= v
+        if int(torch.count_nonzero(mask)) == k:
+            return mask
+        mask = a > v
+        need = k - int(torch.count_nonzero(mask))
     tied = torch.nonzero(a == v).view(-1)[:need]  # nonzero() lists indices in ascending order
     mask[tied] = True
     return mask
