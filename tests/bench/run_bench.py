@@ -208,6 +208,7 @@ class Context:
         self.python = sys.executable
         self._floors: Dict[int, dict] = {}
         self._placeholders: Dict[str, str] = {}
+        self._written: Dict[str, set] = {}  # results.json entries this run produced
         try:
             self.results = json.loads(self.results_path.read_text())
         except (OSError, ValueError):
@@ -223,8 +224,7 @@ class Context:
         base, fts = synth.ensure_suite(self.models_dir, layers, n_finetunes)
         if not cached:
             secs = round(time.perf_counter() - t0, 1)
-            self.results.setdefault("synth", {})[f"L{layers}"] = {"seconds": secs, "n_models": 1 + n_finetunes, "date": self.started}
-            self.save_results()
+            self.record("synth", f"L{layers}", {"seconds": secs, "n_models": 1 + n_finetunes, "date": self.started})
         suffix = "" if layers == self.layers else f"_L{layers}"
         self._placeholders[str(base)] = "BASE" + suffix
         for i, ft in enumerate(fts, 1):
@@ -335,12 +335,31 @@ class Context:
         }
         self._floors[layers] = rec
         if m.ok:
-            self.results.setdefault("floors", {})[f"L{layers}"] = rec
-            self.save_results()
+            self.record("floors", f"L{layers}", rec)
 
     def save_results(self) -> None:
+        """Write results.json: entries this run produced replace those on disk, the rest of the file
+        (e.g. sections another run wrote meanwhile) is kept."""
         self.work.mkdir(parents=True, exist_ok=True)
-        self.results_path.write_text(json.dumps(self.results, indent=2) + "\n")
+        try:
+            disk = json.loads(self.results_path.read_text())
+        except (OSError, ValueError):
+            disk = {}
+        for group, keys in self._written.items():
+            disk.setdefault(group, {}).update({k: self.results[group][k] for k in keys if k in self.results.get(group, {})})
+        for key, value in self.results.items():
+            if key not in disk:
+                disk[key] = value
+        self.results = disk
+        tmp = self.results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
+        tmp.replace(self.results_path)
+
+    def record(self, group: str, key: str, value) -> None:
+        """Set ``results[group][key]`` and save (only such entries override the file on disk)."""
+        self.results.setdefault(group, {})[key] = value
+        self._written.setdefault(group, set()).add(key)
+        self.save_results()
 
 
 # --------------------------------------------------------------------------- registry
@@ -1440,13 +1459,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if res.failed:
             failed.append(name)
         rendered[name] = render_section(name, res, ctx)
-        ctx.results.setdefault("sections", {})[name] = {
+        ctx.record("sections", name, {
             "date": ctx.started,
             "machine": ctx.machine,
             "rows": [{"command": r.command, **r.m.to_dict(), "floor_wall_s": r.floor_wall_s} for r in res.rows],
             **res.data,
-        }
-        ctx.save_results()
+        })
         # Write after every section so that a long run keeps what it measured.
         old = out_path.read_text() if out_path.exists() else ""
         out_path.write_text(merge_document(old, {name: rendered[name]}, header(ctx)))
