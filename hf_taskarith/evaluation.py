@@ -659,9 +659,9 @@ def write_eval_results(
     """Write ``eval_results.json`` into a model folder; refresh its card if it is an hf_taskarith merge.
 
     Tasks already in an existing ``eval_results.json`` are kept unless re-evaluated
-    (``merge_existing``). A folder with ``hf_taskarith.json`` (written by our ``save_pretrained``)
-    gets its README's Evaluation section and ``model-index`` updated; nothing else in the card
-    changes.
+    (``merge_existing``). A folder we wrote (``hf_taskarith.json`` from ``save_pretrained``, or an
+    adapter whose card carries the ``hf-taskarith`` tag) gets its README's Evaluation section and
+    ``model-index`` updated; nothing else in the card changes.
 
     Returns:
         The path of ``eval_results.json``.
@@ -677,9 +677,24 @@ def write_eval_results(
         except ValueError:
             logger.warning("%s: unreadable; replaced", target)
     save_results(data, target)
-    if refresh_card and (folder / "hf_taskarith.json").is_file():
+    if refresh_card and _is_our_output(folder):
         refresh_model_card(folder, to_card_results(data))
     return target
+
+
+def _is_our_output(folder: Path) -> bool:
+    """A folder written by hf_taskarith: a merge (``hf_taskarith.json``) or an adapter whose card we wrote."""
+    if (folder / "hf_taskarith.json").is_file():
+        return True
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return False
+    from huggingface_hub import ModelCard
+
+    try:
+        return "hf-taskarith" in (ModelCard.load(readme).data.tags or [])
+    except Exception:  # a card we cannot parse is not ours to rewrite
+        return False
 
 
 def refresh_model_card(folder: Union[str, os.PathLike], card_results: Sequence[Mapping[str, Any]]) -> Path:

@@ -192,6 +192,26 @@ def test_write_eval_results_refreshes_the_merge_card(merge_and_folder, tmp_path)
     assert sorted(p.name for p in plain.iterdir()) == ["eval_results.json"]
 
 
+def test_write_eval_results_refreshes_a_merged_adapters_card(zoo, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_taskarith.method_merge import run_recipe
+    from hf_taskarith.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": str(zoo["llama_base"]), "method": "task_arithmetic",
+        "tasks": [{"adapter": str(zoo["lora_plain"])}, {"adapter": str(zoo["lora_b"])}],
+        "output": {"format": "adapter"},
+    }))
+    folder = run_recipe(load_recipe(recipe), tmp_path / "adapter")
+    write_eval_results(folder, fake_results())
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model_relation == "adapter"  # the rest of the adapter card stays
+    assert {(r.dataset_name, r.metric_value) for r in card.data.eval_results} >= {("taskarith_sum", 0.75)}
+    assert "| taskarith_sum | acc | 0.7500 |" in card.text
+
+
 def test_card_results_reach_a_fresh_save(merge_and_folder, tmp_path):
     from hf_taskarith.evaluation import attach_eval_results
 
