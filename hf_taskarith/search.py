@@ -333,6 +333,39 @@ def _prefetch(items: Sequence[str], fn: Callable[[str], Any], ahead: int = 2) ->
 
 
 # ------------------------------------------------------------------------------------ in place
+_APPLY_BLOCK = 1 << 20  # elements: a 4 MB fp32 scratch stays in cache; no full-size temporaries
+
+
+def _set_blockwise_(target: torch.Tensor, original: torch.Tensor, parts: Sequence[Tuple[float, torch.Tensor]],
+                    scratch: torch.Tensor) -> torch.Tensor:
+    """``target = dtype(c_1·δ_1 + c_2·δ_2 + ... + θ0)``: fp32 in that order, one rounding, block by block.
+
+    ``original`` may be ``target`` itself (each block is read before it is written). Returns the
+    scratch buffer for reuse.
+    """
+    if scratch.numel() < _APPLY_BLOCK:
+        scratch = torch.empty(_APPLY_BLOCK, dtype=torch.float32, device=target.device)
+    if not target.is_contiguous():  # rare (no flat view): one full-size fp32 temporary, same order of ops
+        (c0, d0), rest = parts[0], parts[1:]
+        acc = d0.to(target.device) * c0
+        for c, d in rest:
+            acc.add_(d.to(target.device), alpha=c)
+        target.copy_(acc.add_(original.to(target.device)))
+        return scratch
+    out, orig = target.view(-1), original.reshape(-1).to(target.device)
+    deltas = [(c, d.reshape(-1)) for c, d in parts]
+    for i in range(0, out.numel(), _APPLY_BLOCK):
+        j = min(out.numel(), i + _APPLY_BLOCK)
+        buf = scratch[: j - i]
+        (c0, d0), rest = deltas[0], deltas[1:]
+        torch.mul(d0[i:j].to(target.device), c0, out=buf)
+        for c, d in rest:
+            buf.add_(d[i:j].to(target.device), alpha=c)
+        buf.add_(orig[i:j])
+        out[i:j].copy_(buf)
+    return scratch
+
+
 class WeightBackup:
     """Exact originals of the tensors an :class:`InPlaceDelta` changes (shareable between patchers).
 
@@ -435,37 +468,42 @@ class InPlaceDelta:
 
     @torch.no_grad()
     def apply(self, coefs: Union[float, Sequence[float]]) -> None:
-        """Set the weights to ``θ0 + Σ c_i·δ_i`` (fp32 math, one rounding to the model dtype)."""
-        if self.applied is not None:
-            raise TaskArithError("apply: the model already holds an applied delta; revert() first")
+        """Set the weights to ``θ0 + Σ c_i·δ_i`` (fp32 math, one rounding to the model dtype).
+
+        θ0 comes from the untouched weights or, for tensors changed by an earlier point, from the
+        backup, so a search moves from point to point without a revert in between (with
+        ``restore="copy"``; ``"reload"`` reverts first, since its originals are on disk).
+        """
+        if self.applied is not None and self.backup.restore != "copy":
+            self.revert()
         cs = self._coefs(coefs)
-        self.applied = cs
         comps = [(c, comp) for c, comp in zip(cs, self.space.components) if c != 0.0]
-        if not comps:
-            return
-        names = [n for n in self._targets if any(comp.touches(n) for _, comp in comps)]
+        names = [n for n in self._targets if any(comp.touches(n) for _, comp in comps)] if comps else []
+        previous = set(self._dirty)
+        self.applied = cs
 
         def fetch(name: str):
-            return [(c, comp.get(name)) for c, comp in comps]
+            return [(c, delta) for c, comp in comps if (delta := comp.get(name)) is not None]
 
+        scratch = torch.empty(0)
         try:
             for name, parts in _prefetch(names, fetch, ahead=2):
-                target = self._targets[name]
-                acc: Optional[torch.Tensor] = None
-                for c, delta in parts:
-                    if delta is None:
-                        continue
-                    d = delta.to(target.device)
-                    if acc is None:
-                        acc = d * c
-                    else:
-                        acc.add_(d, alpha=c)
-                if acc is None:
+                if not parts:
                     continue
-                self.backup.remember(name, target)
-                self._dirty.append(name)
-                acc.add_(target)  # θ0 + Σ c_i δ_i in fp32 (θ0 read from the untouched weights)
-                target.copy_(acc)  # one rounding to the model dtype
+                target = self._targets[name]
+                if name in previous:
+                    original = self.backup.original(name, target)
+                    previous.discard(name)
+                else:
+                    self.backup.remember(name, target)
+                    self._dirty.append(name)
+                    original = target
+                if scratch.device != target.device:
+                    scratch = torch.empty(0, device=target.device)
+                scratch = _set_blockwise_(target, original, parts, scratch)
+            for name in previous:  # changed at the last point, not at this one
+                target = self._targets[name]
+                target.copy_(self.backup.original(name, target))
         except BaseException:
             self.revert()
             raise
@@ -818,8 +856,8 @@ def search(
         if all(c == 0.0 for c in coefs):
             scores = dict(base_scores)  # nothing applied: the base model itself
         else:
-            with patch.applied_at(coefs):
-                scores = score(all_tasks)
+            patch.apply(coefs)  # from the originals: no revert needed between points (reverted at the end)
+            scores = score(all_tasks)
         point = _point(phase, lam, coefs, mult, scores)
         memo[key] = point
         point["id"] = len(points)
@@ -849,35 +887,39 @@ def search(
             p["control_mean"] = _mean([scores[t] for t in controls])
         return p
 
-    best = None
-    for lam in points_grid:
-        p = evaluate_point("lambda", lam, space.coefs(lam), None)
-        if best is None or p["rank"] > best["rank"]:
-            best = p
-    assert best is not None
-    chosen: Dict[str, Any] = {space.scale_param: best["lambda"]}
+    try:
+        best = None
+        for lam in points_grid:
+            p = evaluate_point("lambda", lam, space.coefs(lam), None)
+            if best is None or p["rank"] > best["rank"]:
+                best = p
+        assert best is not None
+        chosen: Dict[str, Any] = {space.scale_param: best["lambda"]}
 
-    if coordinate:
-        mult = [best["lambda"]] * len(space.components)
-        current = best
-        for sweep in range(max(1, sweeps)):
-            changed = False
-            for i in range(len(space.components)):
-                for g in points_grid:
-                    if g == mult[i]:
-                        continue
-                    trial = list(mult)
-                    trial[i] = g
-                    p = evaluate_point("coordinate", None, space.coefs(1.0, trial), trial)
-                    if p["rank"] > current["rank"]:
-                        current, mult, changed = p, trial, True
-            if not changed:
-                break
-        best = current
-        weights = space.coefs(1.0, mult)
-        chosen = {space.scale_param: 1.0, "weights": weights}
-        if best["phase"] == "coordinate":
-            best["lambda"] = None
+        if coordinate:
+            mult = [best["lambda"]] * len(space.components)
+            current = best
+            for sweep in range(max(1, sweeps)):
+                changed = False
+                for i in range(len(space.components)):
+                    for g in points_grid:
+                        if g == mult[i]:
+                            continue
+                        trial = list(mult)
+                        trial[i] = g
+                        p = evaluate_point("coordinate", None, space.coefs(1.0, trial), trial)
+                        if p["rank"] > current["rank"]:
+                            current, mult, changed = p, trial, True
+                if not changed:
+                    break
+            best = current
+            weights = space.coefs(1.0, mult)
+            chosen = {space.scale_param: 1.0, "weights": weights}
+            if best["phase"] == "coordinate":
+                best["lambda"] = None
+
+    finally:
+        patch.revert()  # the model holds the base again, bitwise
 
     if rule == "negation" and not best.get("feasible"):
         logger.warning("search: no grid point keeps control accuracy >= %.4f; chose the best control accuracy", bound)
