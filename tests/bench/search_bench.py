@@ -6,9 +6,10 @@ MODE:
 
 * ``inplace``: the base is loaded once as a transformers model (``AutoModelForCausalLM``, bf16);
   one ``hf_taskarith.search.InPlaceDelta`` over ``τ = Σ w_i (FT_i − BASE)`` (weights 0.5/0.3/0.2)
-  applies ``θ0 + λ·τ`` in place and reverts bitwise, for each grid point: what ``search()`` does
-  between evaluations, with its defaults (fp32 deltas cached on CPU after the first point,
-  originals copied in the model dtype);
+  sets ``θ0 + λ·τ`` in place at each grid point (from the originals, no revert in between) and
+  reverts bitwise once at the end (timed separately): what ``search()`` does between
+  evaluations, with its defaults (fp32 deltas cached on CPU after the first point, originals
+  copied in the model dtype);
 * ``inplace-nocache``: the same with ``cache=False`` (deltas recomputed from the checkpoints at
   every point: a few tensors of memory, one read of the inputs per point);
 * ``save-reload``: what a search that writes each candidate does (mergekit-evolve style):
@@ -66,11 +67,13 @@ def main(argv=None) -> int:
         out["load_s"] = time.perf_counter() - t0
         ref = {k: v.clone() for k, v in list(model.state_dict().items())[:3]} if a.mode == "inplace" else None
         patch = InPlaceDelta(model, tau, base=base, cache=(a.mode == "inplace"))
-        for lam in grid:
+        for lam in grid:  # as search() does: point to point, no revert in between
             t0 = time.perf_counter()
             patch.apply(lam)
-            patch.revert()
             times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        patch.revert()  # once, at the end of the search
+        out["final_revert_s"] = time.perf_counter() - t0
         if ref is not None:
             sd = model.state_dict()
             out["revert_bitwise_sampled"] = all(torch.equal(sd[k], v) for k, v in ref.items())
