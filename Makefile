@@ -34,7 +34,7 @@ $(MK_STAMP):
 test: $(STAMP) $(MK_STAMP)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(STAMP) $(MK_STAMP)
 	$(PY) tests/bench/run_bench.py --out BENCHMARKS.md
 
 clean:
