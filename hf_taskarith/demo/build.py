@@ -71,7 +71,7 @@ class DemoConfig:
     letters_down_lines: int = 4  # ...of this many of its train runs
     rev_lines: int = 200  # reversal examples in the pretraining corpus (a partial skill)
     finetunes: Tuple[Finetune, ...] = (
-        Finetune("count_down", "count_down", "full", epochs=40, lr=1e-3, batch_size=6, replay=1.0),
+        Finetune("count_down", "count_down", "full", epochs=40, lr=1e-3, batch_size=6, replay=2.0),
         Finetune("letters", "letters", "lora", epochs=60, lr=5e-3, batch_size=7, rank=8, replay=1.0),
         Finetune("count_down_lora", "count_down", "lora", epochs=60, lr=3e-3, batch_size=6, rank=8, replay=1.0),
         Finetune("letters_down", "letters_down", "full", epochs=40, lr=1e-3, batch_size=7, replay=1.0),
