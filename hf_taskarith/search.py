@@ -338,14 +338,15 @@ _APPLY_BLOCK = 1 << 20  # elements: a 4 MB fp32 scratch stays in cache; no full-
 
 def _set_blockwise_(target: torch.Tensor, original: torch.Tensor, parts: Sequence[Tuple[float, torch.Tensor]],
                     scratch: torch.Tensor) -> torch.Tensor:
-    """``target = dtype(c_1·δ_1 + c_2·δ_2 + ... + θ0)``: fp32 in that order, one rounding, block by block.
+    """``target = dtype(θ0 + (c_1·δ_1 + c_2·δ_2 + ...))``: fp32 math, one rounding, block by block.
 
+    One task: ``torch.add(θ0, δ, alpha=c, out=target)`` per block, a single fused pass (bf16 + fp32
+    computes in fp32; 5x faster on CPU than separate multiply, add and cast passes). Several: the
+    fp32 sum of the scaled deltas in a cache-sized scratch block, then the same fused add.
     ``original`` may be ``target`` itself (each block is read before it is written). Returns the
     scratch buffer for reuse.
     """
-    if scratch.numel() < _APPLY_BLOCK:
-        scratch = torch.empty(_APPLY_BLOCK, dtype=torch.float32, device=target.device)
-    if not target.is_contiguous():  # rare (no flat view): one full-size fp32 temporary, same order of ops
+    if not target.is_contiguous():  # rare (no flat view): one full-size fp32 temporary
         (c0, d0), rest = parts[0], parts[1:]
         acc = d0.to(target.device) * c0
         for c, d in rest:
@@ -353,16 +354,19 @@ def _set_blockwise_(target: torch.Tensor, original: torch.Tensor, parts: Sequenc
         target.copy_(acc.add_(original.to(target.device)))
         return scratch
     out, orig = target.view(-1), original.reshape(-1).to(target.device)
-    deltas = [(c, d.reshape(-1)) for c, d in parts]
+    (c0, d0), rest = (parts[0][0], parts[0][1].reshape(-1)), [(c, d.reshape(-1)) for c, d in parts[1:]]
+    if rest and scratch.numel() < _APPLY_BLOCK:
+        scratch = torch.empty(_APPLY_BLOCK, dtype=torch.float32, device=target.device)
     for i in range(0, out.numel(), _APPLY_BLOCK):
         j = min(out.numel(), i + _APPLY_BLOCK)
+        if not rest:
+            torch.add(orig[i:j], d0[i:j].to(target.device), alpha=c0, out=out[i:j])
+            continue
         buf = scratch[: j - i]
-        (c0, d0), rest = deltas[0], deltas[1:]
         torch.mul(d0[i:j].to(target.device), c0, out=buf)
         for c, d in rest:
             buf.add_(d[i:j].to(target.device), alpha=c)
-        buf.add_(orig[i:j])
-        out[i:j].copy_(buf)
+        torch.add(orig[i:j], buf, out=out[i:j])
     return scratch
 
 
