@@ -3,7 +3,7 @@
 1. builds a small language model: a word-level tokenizer trained with ``tokenizers``, a 2-layer
    Llama, pretrained briefly on a corpus mixing several skills (counting up well, some letters
    counting down and string reversal, the formats of the other tasks);
-2. finetunes it (with replay of pretraining data): A = count digits down (full finetune),
+2. finetunes it (with replay of pretraining data, except U): A = count digits down (full finetune),
    B = continue a letter run (PEFT LoRA), A' = A as a LoRA, U = count letters down (the
    "unwanted" behaviour, partly present in the base; full finetune);
 3. builds task vectors and merges them through recipes, choosing every λ on the VALIDATION
