@@ -10,16 +10,14 @@ adapters of every variant the task-vector code reads. Plain module, no pytest de
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import random
 import re
 import shutil
 import time
-import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -67,25 +65,7 @@ def _corpus(n: int = 400) -> List[str]:
     return [line for i, t in enumerate(tasks) for line in task_texts(t, 1000 + i, n // len(tasks))]
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence transformers/PEFT chatter (progress bars, resize notes, known warnings) while building."""
-    from transformers.utils import logging as tlog
-
-    verbosity = tlog.get_verbosity()
-    bars = tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-            yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if bars:
-            tlog.enable_progress_bar()
+from hf_taskarith.demo.build import quiet  # noqa: E402  (transformers/PEFT chatter off while building)
 
 
 # ---------------------------------------------------------------- tokenizer
