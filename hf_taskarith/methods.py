@@ -293,6 +293,9 @@ def _magnitude_trim(
     return out
 
 
+_ELECT_BLOCK = 1 << 22  # elements per election block (16 MB of fp32 per temporary)
+
+
 def _elect_and_merge(
     x: torch.Tensor,
     w: Sequence[float],
@@ -312,27 +315,33 @@ def _elect_and_merge(
     t = x.shape[0]
     if weighted_election:
         x.mul_(torch.tensor(w, dtype=x.dtype, device=x.device).view((t,) + (1,) * (x.dim() - 1)))
-    score = x.sum(0) if majority_sign_method == "total" else torch.sign(x).sum(0)
-    positive = score >= 0  # elected sign: +1 where True (a zero score elects +1), −1 elsewhere
-    del score
-    num = torch.zeros_like(x[0])
-    den = torch.zeros_like(x[0])
-    for i in range(t):
-        # same sign as the elected one, i.e. x·γ > 0; zeros never agree
-        agree = torch.where(positive, x[i] > 0, x[i] < 0)
-        if weighted_election:
-            num.add_(torch.where(agree, x[i], 0.0))
-            den.add_(agree.to(x.dtype), alpha=w[i])
-        else:
-            num.add_(torch.where(agree, x[i], 0.0), alpha=w[i])
-            den.add_(agree.to(x.dtype))
-    if not normalize:
-        return num
-    if weighted_election:
-        den = torch.where(den.abs() < 1e-8, 1.0, den)
-    else:
-        den.clamp_(min=1.0)
-    return num.div_(den)
+    flat = x.reshape(t, -1)
+    out = torch.empty(flat.shape[1], dtype=x.dtype, device=x.device)
+    # Elementwise across tasks, so blocks of the flattened tensor give the same values while the
+    # election's temporaries (score, sign mask, agreement, numerator, denominator) stay block-sized.
+    for i in range(0, flat.shape[1], _ELECT_BLOCK):
+        xb = flat[:, i : i + _ELECT_BLOCK]
+        score = xb.sum(0) if majority_sign_method == "total" else torch.sign(xb).sum(0)
+        positive = score >= 0  # elected sign: +1 where True (a zero score elects +1), −1 elsewhere
+        del score
+        num = out[i : i + _ELECT_BLOCK].zero_()
+        den = torch.zeros_like(num)
+        for k in range(t):
+            # same sign as the elected one, i.e. x·γ > 0; zeros never agree
+            agree = torch.where(positive, xb[k] > 0, xb[k] < 0)
+            if weighted_election:
+                num.add_(torch.where(agree, xb[k], 0.0))
+                den.add_(agree.to(x.dtype), alpha=w[k])
+            else:
+                num.add_(torch.where(agree, xb[k], 0.0), alpha=w[k])
+                den.add_(agree.to(x.dtype))
+        if normalize:
+            if weighted_election:
+                den = torch.where(den.abs() < 1e-8, 1.0, den)
+            else:
+                den.clamp_(min=1.0)
+            num.div_(den)
+    return out.view(x.shape[1:])
 
 
 def _combine(
