@@ -35,6 +35,23 @@ def _weight_text(weight: Any) -> str:
     return str(weight)
 
 
+def card_eval_results(card_results) -> Optional[list]:
+    """``[{"task", "metric", "value", "dataset"?, "dataset_name"?}, ...]`` → ``EvalResult`` list for
+    ``ModelCardData.eval_results`` (``None`` when empty, so no empty ``model-index`` is written)."""
+    from huggingface_hub import EvalResult
+
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=r.get("dataset", r["task"]),
+            dataset_name=r.get("dataset_name", r["task"]),
+            metric_type=r["metric"],
+            metric_value=float(r["value"]),
+        )
+        for r in card_results
+    ] or None
+
+
 def build_model_card(
     description: Dict[str, Any],
     *,
@@ -61,7 +78,7 @@ def build_model_card(
     Returns:
         A ``huggingface_hub.ModelCard``.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     method = description.get("method", "task_arithmetic")
     paper = description.get("paper") or TA_PAPER
@@ -79,17 +96,7 @@ def build_model_card(
         tags=["merge", "task-arithmetic", "hf-taskarith", method.replace("_", "-")],
         license=license_,
         model_name=name,
-        eval_results=[
-            EvalResult(
-                task_type="text-generation",
-                dataset_type=r.get("dataset", r["task"]),
-                dataset_name=r.get("dataset_name", r["task"]),
-                metric_type=r["metric"],
-                metric_value=float(r["value"]),
-            )
-            for r in (eval_results or [])
-        ]
-        or None,
+        eval_results=card_eval_results(eval_results or []),
     )
     rows = [
         "| role | input | commit | weight |",

@@ -699,7 +699,9 @@ def _is_our_output(folder: Path) -> bool:
 
 def refresh_model_card(folder: Union[str, os.PathLike], card_results: Sequence[Mapping[str, Any]]) -> Path:
     """Put ``card_results`` in the README of a merge folder (Evaluation section + ``model-index``)."""
-    from huggingface_hub import EvalResult, ModelCard
+    from huggingface_hub import ModelCard
+
+    from .card import card_eval_results
 
     folder = Path(folder)
     readme = folder / "README.md"
@@ -713,16 +715,7 @@ def refresh_model_card(folder: Union[str, os.PathLike], card_results: Sequence[M
     data = card.data
     if not getattr(data, "model_name", None):
         data.model_name = folder.name
-    data.eval_results = [
-        EvalResult(
-            task_type="text-generation",
-            dataset_type=r.get("dataset", r["task"]),
-            dataset_name=r.get("dataset_name", r["task"]),
-            metric_type=r["metric"],
-            metric_value=float(r["value"]),
-        )
-        for r in card_results
-    ] or None
+    data.eval_results = card_eval_results(card_results)
     section = _evaluation_section(card_results)
     text = card.text
     pattern = re.compile(r"^## Evaluation\n.*?(?=^## |\Z)", re.M | re.S)

@@ -25,12 +25,7 @@ from hf_taskarith.evaluation import (
 TASKS = ["taskarith_count_up", "taskarith_rev"]  # one multiple-choice, one generate-until
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(zoo):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from hf_taskarith.search import InPlaceDelta, MergeSpace, apply_scaled, parse_gr
 REF = "model.layers.0.mlp.down_proj.weight"  # changed by every dense finetune of the zoo
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(zoo):
-    # Tiny models on a shared 2-core machine: one thread is ~10x faster than two under contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load(folder, dtype=torch.float32):
