@@ -123,9 +123,14 @@ def add_scaled_(acc: torch.Tensor, x: torch.Tensor, alpha: float = 1.0) -> torch
 
 
 def scale_into_(acc: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``acc = alpha · x`` (``torch.mul(..., out=acc)``), blockwise like :func:`add_scaled_`."""
+    """``acc = alpha · x`` computed in ``acc``'s dtype, blockwise like :func:`add_scaled_`.
+
+    (``torch.mul(x, alpha, out=acc)`` would compute in x's bf16 and round there first.)
+    """
     for a, b in _blocks(acc, x):
-        torch.mul(b, alpha, out=a)
+        a.copy_(b)
+        if alpha != 1.0:
+            a.mul_(alpha)
     return acc
 
 
@@ -136,16 +141,27 @@ class LazyTensor:
     ``get()`` returns a fresh fp32 tensor the caller may modify in place.
     """
 
-    def __init__(self, load: Callable[[], torch.Tensor], shape: Tuple[int, ...], device: torch.device):
+    def __init__(
+        self,
+        load: Callable[[], torch.Tensor],
+        shape: Tuple[int, ...],
+        device: torch.device,
+        out_dtype: Optional[torch.dtype] = None,
+    ):
         self._load = load
         self.shape = tuple(shape)
         self.device = device
+        self.out_dtype = out_dtype  # the dtype the result is written in (a kernel may round to it itself)
         self._value: Optional[torch.Tensor] = None
 
     def get(self) -> torch.Tensor:
         if self._value is None:
             self._value = self._load().to(device=self.device, dtype=torch.float32)
         return self._value
+
+    def raw(self) -> torch.Tensor:
+        """The base tensor as stored (its own dtype, on CPU), for kernels that read it directly."""
+        return self._load()
 
 
 class StreamingMerge(ABC):
@@ -168,7 +184,8 @@ class StreamingMerge(ABC):
 
     @abstractmethod
     def compute(self, name: str, base: LazyTensor) -> torch.Tensor:
-        """The merged value of one floating-point base tensor, in fp32 on ``base.device``.
+        """The merged value of one floating-point base tensor, in fp32 on ``base.device`` (or
+        already rounded to ``base.out_dtype``, which is what the engine writes).
 
         ``base.get()`` reads the base tensor (fp32, a fresh copy the method may modify in place);
         methods that do not need it should not call it.
@@ -219,7 +236,7 @@ class StreamingMerge(ABC):
             return store.get(name)  # integer buffers are copied unchanged
         if device.type == "cuda":
             return self._one_cuda(name, out_dtype, device, pinned)
-        merged = self.compute(name, LazyTensor(lambda: store.get(name), store.shape(name), device))
+        merged = self.compute(name, LazyTensor(lambda: store.get(name), store.shape(name), device, out_dtype))
         return merged.to(dtype=out_dtype)
 
     def _one_cuda(self, name: str, out_dtype: torch.dtype, device: torch.device, pinned: bool) -> torch.Tensor:

@@ -82,19 +82,41 @@ def fold_linear(
                 reads.append((coef * mult, load))
     nonlinear = [(c, leaf) for c, leaf in terms if leaf.needs_base_tensor(name, store)]
     device = base.device
+    loaded = None
+    if device.type == "cpu" and reads and not _has_nonlinear(terms, name, store):
+        from . import kernels
+
+        if kernels.available():  # one fused pass over the stored inputs (same bits as below)
+            from .checkpoint import read_only_views
+
+            with read_only_views():  # the kernel and the fallback below only read these
+                loaded = [(coef, load()) for coef, load in reads]
+                first = (loaded[0][1], loaded[0][0]) if abs(base_coef) < 1e-12 else (base.raw(), base_coef)
+            # θ0 cancels: the first input takes its place, as below
+            rest = loaded[1:] if abs(base_coef) < 1e-12 else loaded
+            out = kernels.fold(first[0], first[1], rest, base.out_dtype)
+            if out is not None:
+                return out
     if abs(base_coef) < 1e-12 and reads:
         # θ0 cancels (e.g. base + 1.0·τ): never read it. out= keeps one fp32 pass, no temporaries.
         coef, load = reads.pop(0)
+        first = loaded.pop(0)[1] if loaded is not None else load()
         acc = torch.empty(base.shape, dtype=torch.float32, device=device)
-        scale_into_(acc, load().to(device), coef)
+        scale_into_(acc, first.to(device), coef)
     elif nonlinear:
         acc = base.get() * base_coef  # DoRA / saved modules need the untouched θ0 below
     else:
         acc = base.get()
         if base_coef != 1.0:
             acc.mul_(base_coef)
-    for coef, load in reads:
-        add_scaled_(acc, load().to(device), coef)  # blockwise: no full-size fp32 copy of the input
+    for i, (coef, load) in enumerate(reads):
+        x = loaded[i][1] if loaded is not None else load()
+        add_scaled_(acc, x.to(device), coef)  # blockwise: no full-size fp32 copy of the input
     for coef, leaf in terms:
         leaf.add_nonlinear_(acc, name, coef, store, base.get() if nonlinear else None)
     return acc
+
+
+def _has_nonlinear(terms: List[Tuple[float, LeafTaskVector]], name: str, store: TensorStore) -> bool:
+    """Whether some τ has parts that are not plain stored tensors (LoRA products, DoRA, saved modules)."""
+    return any(leaf.has_nonlinear(name, store) for _, leaf in terms)

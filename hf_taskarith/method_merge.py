@@ -272,8 +272,12 @@ class MethodMerge(StreamingMerge):
             params = self.params_for(name)
             if _scalar_params(params, {"lambda", "normalize"}):
                 return self._fold(name, base, params, layer_position(name, self.num_layers))
-        base_tensor = base.get()
         t = layer_position(name, self.num_layers)
+        if self.spec.name in _FUSED and base.device.type == "cpu":
+            fused = self._fused(name, base, t)
+            if fused is not None:
+                return fused
+        base_tensor = base.get()
         if self.spec.scope == "layer":
             w_l, perm = self._layer_state(self._layer_of(name))
             d = self._deltas(name, base_tensor, perm)
@@ -284,7 +288,9 @@ class MethodMerge(StreamingMerge):
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in params.items()}
         if self._thresholds is not None:
             kwargs["thresholds"] = self._thresholds_on(base_tensor.device)
-        if self.spec.stochastic:
+        if kwargs.get("rng") == "counter":
+            kwargs["key"] = tensor_seed(self.seed, name)
+        elif self.spec.stochastic:
             gen = torch.Generator(device=base_tensor.device)
             gen.manual_seed(tensor_seed(self.seed, name))
             kwargs["generator"] = gen
@@ -292,6 +298,89 @@ class MethodMerge(StreamingMerge):
         del deltas
         return base_tensor.add_(merged_delta)
 
+
+    def _fused_inputs(self, name: str) -> Optional[List[torch.Tensor]]:
+        """Read-only views of the finetuned tensors θ_i when every τ_i is a plain θ_i − θ0 (full
+        finetunes), else None."""
+        from .checkpoint import read_only_views
+
+        store = self.base.store
+        loads = []
+        for task in self.tasks:
+            parts = task.vector.linear_parts(name)
+            if (
+                len(parts) != 2
+                or parts[0][0] != 1.0 or parts[0][1] == store.identity
+                or parts[1][0] != -1.0 or parts[1][1] != store.identity
+                or task.vector.has_nonlinear(name, store)
+            ):
+                return None
+            loads.append(parts[0][2])
+        with read_only_views():
+            return [load() for load in loads]
+
+    @staticmethod
+    def _base_view(base: LazyTensor) -> torch.Tensor:
+        from .checkpoint import read_only_views
+
+        with read_only_views():
+            return base.raw()
+
+    def _fused(self, name: str, base: LazyTensor, t: float) -> Optional[torch.Tensor]:
+        """θ0 + method(τ) from the fused CPU kernels (same bits as the torch path), or None when
+        they do not cover this merge (adapters, other dtypes, L1 rescaling, torch RNG, ...)."""
+        from . import kernels
+
+        params = self.params_for(name)
+        if not kernels.available() or any(isinstance(v, (list, tuple)) for k, v in params.items() if k != "density"):
+            return None
+        n_tasks = len(self.tasks)
+        try:
+            densities = [float(d) for d in _per_task_values(params["density"], n_tasks)]
+        except ValueError:
+            return None
+        election = dict(
+            weighted_election=bool(params.get("weighted_election", False)),
+            majority_sign_method=params.get("majority_sign_method", "total"),
+            normalize=bool(params["normalize"]),
+            lambda_=float(params["lambda"]),
+        )
+        if election["majority_sign_method"] not in ("total", "frequency"):
+            return None
+        if self.spec.name == "ties":
+            if params["rescale"]:
+                return None
+            fts = self._fused_inputs(name)
+            if fts is None:
+                return None
+            weights = self._weights_f32(name, t)
+            if self._thresholds is not None:
+                return kernels.ties(
+                    self._base_view(base), fts, weights, thresholds=self._thresholds.tolist(),
+                    out_dtype=base.out_dtype, **election,
+                )
+            numel = math.prod(base.shape)
+            ks = [numel if d >= 1.0 else int(d * numel) for d in densities]
+            return kernels.ties(self._base_view(base), fts, weights, ks=ks, out_dtype=base.out_dtype, **election)
+        # dare_ties / dare_linear
+        if params["rng"] != "counter" or (params["rescale"] and params["rescale_method"] != "inverse"):
+            return None
+        fts = self._fused_inputs(name)
+        if fts is None:
+            return None
+        key = tensor_seed(self.seed, name)
+        from .methods import dare_key
+
+        consensus = self.spec.name == "dare_ties"
+        return kernels.dare(
+            self._base_view(base), fts, self._weights_f32(name, t), keys=[dare_key(key, i) for i in range(n_tasks)],
+            densities=densities, rescale=bool(params["rescale"]), consensus=consensus, out_dtype=base.out_dtype,
+            **election,
+        )
+
+    def _weights_f32(self, name: str, t: float) -> List[float]:
+        """The task weights as the torch path sees them (an fp32 tensor's values)."""
+        return torch.tensor([float(evaluate(task.weight, name, t)) for task in self.tasks]).tolist()
 
     def _deltas(self, name: str, base_tensor: torch.Tensor, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(T, *shape) stack of τ_i for one tensor (model B's heads permuted when aligning)."""
@@ -303,6 +392,17 @@ class MethodMerge(StreamingMerge):
             theta_b = self._permute_b(name, deltas[1] + base_tensor, perm)
             deltas[1] = theta_b - base_tensor
         return deltas
+
+
+_FUSED = ("ties", "dare_ties", "dare_linear")  # methods with a fused CPU kernel (hf_taskarith.kernels)
+
+
+def _per_task_values(value: Any, n: int) -> List[Any]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{len(value)} values for {n} tasks")
+        return list(value)
+    return [value] * n
 
 
 def _scalar_params(params: Dict[str, Any], allowed: set) -> bool:

@@ -9,7 +9,10 @@ Every method has the signature::
 * ``base``    -- float32 θ_0 for this tensor (used by ``linear``, ``slerp``; ignored elsewhere);
 * keyword parameters, named as in recipes except ``lambda`` which is ``lambda_`` in Python;
 * stochastic methods take ``generator`` (a seeded :class:`torch.Generator` on the tensors' device):
-  the same generator state gives the same bytes.
+  the same generator state gives the same bytes. DARE also takes ``key`` (an int) with its default
+  ``rng="counter"``: masks from a counter-based hash of (key, task, element index), the same on
+  any device and for any split of the work; the engine passes a per-tensor key derived from the
+  recipe's seed.
 
 They return the merged DELTA τ_merged (shape of ``base``); the engine writes θ = θ_0 + τ_merged.
 No IO, no global state, inputs are never modified.
@@ -529,14 +532,83 @@ def _check_rescale_method(rescale_method: str) -> None:
         raise RecipeError(f"rescale_method must be 'inverse' or 'l1', got {rescale_method!r}")
 
 
+# Counter-based DARE masks: element j of task i of a tensor is kept when the top 24 bits of
+# splitmix64(key_i + (j+1)·golden) are below ceil(density·2^24). Any block size, thread count,
+# device or process split draws the same mask, and hf_taskarith.kernels draws it in parallel.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_M64 = (1 << 64) - 1
+_RNG_BLOCK = 1 << 22
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int (mod 2^64)."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def dare_key(key: int, task: int) -> int:
+    """The 64-bit mask key of task ``task`` for a tensor whose key is ``key``."""
+    return _mix64((key & _M64) + (task + 1) * 0xD1B54A32D192ED03)
+
+
+def keep_cut24(density: float) -> int:
+    """Entries whose 24 uniform bits are below this are kept: P(keep) = ceil(density·2^24)/2^24."""
+    return min(1 << 24, max(0, math.ceil(density * (1 << 24))))
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)  # logical shift on int64 bits
+
+
+def counter_uniform24(key: int, start: int, n: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """24 uniform bits (int64 in [0, 2^24)) for elements start..start+n−1 of the stream ``key``.
+
+    splitmix64 in int64 arithmetic (products wrap mod 2^64 as the unsigned ones do); the twin of
+    the fused kernel's generator, checked against a pure-Python one in the tests.
+    """
+    j = torch.arange(start + 1, start + n + 1, dtype=torch.int64, device=device)
+    z = j.mul_(_signed(_GOLDEN)).add_(_signed(key & _M64))
+    z = (z ^ _lsr(z, 30)).mul_(_signed(_MIX1))
+    z = (z ^ _lsr(z, 27)).mul_(_signed(_MIX2))
+    z = z ^ _lsr(z, 31)
+    return _lsr(z, 40)
+
+
+def _counter_mask(key: int, shape: torch.Size, density: float, device: torch.device) -> torch.Tensor:
+    n = math.prod(shape)
+    cut = keep_cut24(density)
+    mask = torch.empty(n, dtype=torch.bool, device=device)
+    for s in range(0, n, _RNG_BLOCK):  # int64 temporaries of one block, not of the whole tensor
+        m = min(_RNG_BLOCK, n - s)
+        torch.lt(counter_uniform24(key, s, m, device), cut, out=mask[s : s + m])
+    return mask.view(shape)
+
+
+def _check_rng(rng: str) -> None:
+    if rng not in ("counter", "torch"):
+        raise RecipeError(f"rng must be 'counter' or 'torch', got {rng!r}")
+
+
 def _dare_drop(
     deltas: torch.Tensor,
     density: PerTask,
     generator: Optional[torch.Generator],
     rescale: bool,
     rescale_method: str,
+    rng: str = "torch",
+    key: Optional[int] = None,
 ) -> torch.Tensor:
     _check_rescale_method(rescale_method)
+    _check_rng(rng)
+    if rng == "counter" and key is None:  # no key: take one from the generator (its state decides the bytes)
+        key = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
     t = deltas.shape[0]
     out = torch.empty_like(deltas)
     for i, d in enumerate(_per_task(density, t, "density")):
@@ -546,11 +618,13 @@ def _dare_drop(
         if d <= 0.0:
             out[i].zero_()
             continue
+        if rng == "counter":
+            mask = _counter_mask(dare_key(key, i), deltas[i].shape, d, deltas.device)
         # torch.bernoulli(full_like(τ, density)): the same draw as PEFT and mergekit. On CPU,
         # ``rand(shape) < density`` is the same draw (one uniform of that dtype per element from the same
         # generator stream, compared with density in that dtype) without the full-size p tensor: the same
         # mask and generator state after, ~30% faster. CUDA's Philox offsets differ: keep bernoulli.
-        if deltas.device.type == "cpu" and deltas.dtype in (torch.float32, torch.float64):
+        elif deltas.device.type == "cpu" and deltas.dtype in (torch.float32, torch.float64):
             mask = torch.rand(deltas[i].shape, generator=generator, dtype=deltas.dtype) < d
         else:
             mask = torch.bernoulli(torch.full_like(deltas[i], d), generator=generator)
@@ -573,18 +647,24 @@ def dare_linear(
     rescale: bool = True,
     rescale_method: str = "inverse",
     normalize: bool = False,
+    rng: str = "counter",
     generator: Optional[torch.Generator] = None,
+    key: Optional[int] = None,
 ) -> torch.Tensor:
     """DARE + task arithmetic (Yu et al., "Language Models are Super Mario", ICML 2024, arXiv 2311.03099).
 
     m ~ Bernoulli(density) elementwise (density = 1 − p), τ̃_i = m⊙τ_i / density
     (``rescale_method="inverse"``, paper and PEFT) or m⊙τ_i·‖τ_i‖₁/‖m⊙τ_i‖₁ (``"l1"``, current
     mergekit); ``rescale=False`` keeps m⊙τ_i. τ = λ·Σ w_i τ̃_i (``normalize`` divides by Σ w_i).
-    Masks are drawn task by task with ``torch.bernoulli(full_like(τ_i, density), generator)``, the
-    same draw PEFT ``dare_linear`` makes, so a generator seeded like PEFT's global RNG gives its bytes.
+    Masks: ``rng="counter"`` (default) keeps element j of τ_i when 24 bits of
+    splitmix64(dare_key(key, i) + (j+1)·golden) are below ceil(density·2^24): the same mask for any
+    device, thread count or process split, and drawn in parallel by the fused CPU kernel (``key``:
+    the engine's per-tensor seed; without one a key is drawn from ``generator``). ``rng="torch"``
+    draws ``torch.bernoulli(full_like(τ_i, density), generator)`` task by task, the draw PEFT
+    ``dare_linear`` makes, so a generator seeded like PEFT's global RNG gives its bytes.
     """
     _check_inputs("dare_linear", deltas, weights, base)
-    sparse = _dare_drop(deltas, density, generator, rescale, rescale_method)
+    sparse = _dare_drop(deltas, density, generator, rescale, rescale_method, rng, key)
     return _combine(sparse, weights.tolist(), consensus_=False, normalize=normalize, lambda_=lambda_)
 
 
@@ -600,16 +680,19 @@ def dare_ties(
     majority_sign_method: str = "total",
     weighted_election: bool = False,
     normalize: bool = True,
+    rng: str = "counter",
     generator: Optional[torch.Generator] = None,
+    key: Optional[int] = None,
 ) -> torch.Tensor:
     """DARE + TIES election (Yu et al., arXiv 2311.03099; TIES arXiv 2306.01708).
 
     τ̃_i as in :func:`dare_linear`, then TIES elect + disjoint merge on τ̃_i and τ = λ·τ_m. Default
     = PEFT ``dare_ties`` (unweighted election, divide by #agreeing); ``weighted_election=True`` is
-    mergekit's (note mergekit's ``dare_ties`` defaults to normalize=False).
+    mergekit's (note mergekit's ``dare_ties`` defaults to normalize=False). Masks (``rng``, ``key``) as
+    in :func:`dare_linear`; ``rng="torch"`` gives PEFT ``dare_ties``'s bytes.
     """
     _check_inputs("dare_ties", deltas, weights, base)
-    sparse = _dare_drop(deltas, density, generator, rescale, rescale_method)
+    sparse = _dare_drop(deltas, density, generator, rescale, rescale_method, rng, key)
     return _combine(
         sparse,
         weights.tolist(),
@@ -1278,14 +1361,20 @@ _SPECS = [
         "Language Models are Super Mario: DARE (Yu et al., ICML 2024), arXiv:2311.03099",
         "τ = λ·Σ w_i (m_i⊙τ_i)/density, m_i ~ Bernoulli(density)",
         stochastic=True,
-        defaults={"density": 0.5, "lambda": 1.0, "rescale": True, "rescale_method": "inverse", "normalize": False},
+        defaults={
+            "density": 0.5, "lambda": 1.0, "rescale": True, "rescale_method": "inverse", "normalize": False,
+            "rng": "counter",
+        },
     ),
     MethodSpec(
         "dare_ties", dare_ties,
         "Language Models are Super Mario: DARE (Yu et al., ICML 2024), arXiv:2311.03099 + TIES",
         "τ = λ·disjoint_mean(elect((m_i⊙τ_i)/density))",
         stochastic=True,
-        defaults={"density": 0.5, "lambda": 1.0, "rescale": True, "rescale_method": "inverse", **_TIES_ELECTION},
+        defaults={
+            "density": 0.5, "lambda": 1.0, "rescale": True, "rescale_method": "inverse", **_TIES_ELECTION,
+            "rng": "counter",
+        },
     ),
     MethodSpec(
         "della", della,
@@ -1448,6 +1537,7 @@ _VALIDATORS: Dict[str, Callable[[Any], Optional[str]]] = {
     "filter_wise": _boolean,
     "majority_sign_method": _choice("total", "frequency"),
     "rescale_method": _choice("inverse", "l1"),
+    "rng": _choice("counter", "torch"),
     "common_space_fraction": _range_check(0.0, 1.0, False, False),
     "k": _nonneg_int,
     "lambdas": _nonneg,

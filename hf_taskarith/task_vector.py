@@ -386,6 +386,10 @@ class LeafTaskVector(TaskVector):
         """Whether :meth:`add_nonlinear_` reads the unmodified base tensor (DoRA, saved modules)."""
         return False
 
+    def has_nonlinear(self, name: str, base: TensorStore) -> bool:
+        """Whether :meth:`add_nonlinear_` adds anything to τ[name] (conservative: any override does)."""
+        return type(self).add_nonlinear_ is not LeafTaskVector.add_nonlinear_
+
     def add_delta_(
         self, acc: torch.Tensor, name: str, coef: float, base: TensorStore, base_tensor: torch.Tensor
     ) -> None:
@@ -527,6 +531,10 @@ class LoraTaskVector(LeafTaskVector):
     def needs_base_tensor(self, name: str, base: TensorStore) -> bool:
         mod, full_key = self._plan(base, name)
         return full_key is not None or (mod is not None and mod.magnitude_key is not None)
+
+    def has_nonlinear(self, name: str, base: TensorStore) -> bool:
+        mod, full_key = self._plan(base, name)
+        return mod is not None or full_key is not None
 
     def add_nonlinear_(self, acc, name, coef, base, base_tensor) -> None:
         mod, full_key = self._plan(base, name)

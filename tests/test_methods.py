@@ -67,7 +67,7 @@ def test_defaults_are_exactly_the_keyword_parameters():
             continue
         params = inspect.signature(spec.fn).parameters
         kw = {p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY}
-        kw -= {"generator", "thresholds"}
+        kw -= {"generator", "thresholds", "key"}
         assert kw == {"lambda_" if k == "lambda" else k for k in spec.defaults}, name
         assert ("generator" in params) == spec.stochastic, name
 
@@ -383,11 +383,11 @@ def test_dare_matches_peft_with_the_same_seed():
     d, w = torch.randn(3, 20, 7), T([1.0, 0.5, -0.8])
     torch.manual_seed(123)
     want = peft.dare_linear(list(d), w, 0.4)
-    got = M.dare_linear(d, w, zeros_base((20, 7)), density=0.4, generator=torch.Generator().manual_seed(123))
+    got = M.dare_linear(d, w, zeros_base((20, 7)), density=0.4, rng="torch", generator=torch.Generator().manual_seed(123))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     torch.manual_seed(321)
     want = peft.dare_ties(list(d), w, 0.4, "total")
-    got = M.dare_ties(d, w, zeros_base((20, 7)), density=0.4, generator=torch.Generator().manual_seed(321))
+    got = M.dare_ties(d, w, zeros_base((20, 7)), density=0.4, rng="torch", generator=torch.Generator().manual_seed(321))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
