@@ -7,9 +7,9 @@ Data is read with positioned reads into a fresh buffer rather than through one `
 whole file: pages of a memory map stay in the process's resident set while the map is open, so
 merging four 16 GB checkpoints through mmap would show 64 GB of RSS. Positioned reads keep memory
 at the tensors in flight, and the file offsets come from the same header ``safetensors`` validates.
-Code that only reads (the fused kernels) asks for :func:`read_only_views`: large tensors then come
-as a read-only map of just their own bytes, unmapped when the tensor is freed. That skips a copy
-and, above all, the page faults of a fresh buffer, which cost ~6× the copy itself.
+Code that reads its inputs once (the fused kernels) asks for :func:`mapped_reads`: large tensors
+then come as a private map of just their own bytes, unmapped when the tensor is freed. That skips
+a copy and, above all, the page faults of a fresh buffer, which cost ~6× the copy itself.
 
 ``.bin`` checkpoints are accepted only when a folder has no safetensors, and only through
 ``torch.load(weights_only=True)``, which refuses pickles that would run code.
@@ -22,7 +22,6 @@ import logging
 import mmap
 import os
 import threading
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,13 +160,18 @@ class _FileReader:
         self._lock = threading.Lock()
 
     def map(self, offset: int, nbytes: int) -> torch.Tensor:
-        """A read-only uint8 tensor over bytes [offset, offset + nbytes) of the file, prefaulted."""
+        """A uint8 tensor over bytes [offset, offset + nbytes) of the file: a private (copy-on-write)
+        map whose page-table entries are filled up front, so reading it takes no page faults."""
         self._open()
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         m = mmap.mmap(
-            self._fd, offset - start + nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-            prot=mmap.PROT_READ, offset=start,
+            self._fd, offset - start + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
         )
+        try:
+            m.madvise(_MADV_POPULATE_READ)
+        except (OSError, ValueError):  # older kernels: pages fault in on first read instead
+            pass
         return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset - start)
 
     def _open(self) -> None:
@@ -194,16 +198,16 @@ class _FileReader:
 
 _READ_TARGET = threading.local()
 _VIEW_MIN_BYTES = 1 << 20  # smaller tensors are cheaper to copy than to map
-# torch warns that a read-only buffer gives a writable-looking tensor; these views are only read.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
 
 
 @contextmanager
-def read_only_views() -> Iterator[None]:
-    """In this thread, let safetensors reads of large tensors return read-only mapped views.
+def mapped_reads() -> Iterator[None]:
+    """In this thread, let safetensors reads of large tensors return mapped views of the file.
 
-    For code that never writes its inputs (a write to such a tensor crashes the process). The
-    map covers only that tensor's bytes and is released with the tensor.
+    The map covers only that tensor's bytes, is private (a write copies the page, the file never
+    changes) and is released with the tensor. For code that reads its inputs once (the fused
+    kernels): no copy and no page faults on a fresh buffer.
     """
     previous = getattr(_READ_TARGET, "views", False)
     _READ_TARGET.views = True

@@ -17,8 +17,9 @@ multiply-adds torch uses for ``add_(x, alpha=w)``).
 
 The engine calls these only on CPU, for inputs that are all bf16 or all fp32, and falls back to the
 torch path otherwise (and for NaN deltas in a top-k, whose order the radix select does not model).
-``HF_TASKARITH_FUSED=0`` turns them off. Kernel calls are serialised by a lock: each one already
-uses every core, and numba's default thread pool must not be entered from two threads at once.
+``HF_TASKARITH_FUSED=0`` turns them off. The kernels are serial numba functions over element
+ranges that release the GIL; one thread pool (``torch.get_num_threads()`` threads) runs the ranges
+of every tensor in flight, so the engine's read-ahead workers never oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 from typing import List, Optional, Sequence, Tuple
 
@@ -44,8 +46,7 @@ except Exception as err:  # pragma: no cover - exercised only without numba
     nb = None
     _IMPORT_ERROR = err
 
-CHUNK = 1 << 16  # elements per parallel work item (and per tie-count cell)
-_LOCK = threading.Lock()
+CHUNK = 1 << 16  # elements per inner block (and per tie-count cell)
 _WARNED = False
 
 
@@ -77,7 +78,7 @@ def kernel_array(t: torch.Tensor) -> Optional[np.ndarray]:
 
 
 def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
+    return max(1, torch.get_num_threads())
 
 
 if nb is not None:
@@ -167,240 +168,271 @@ if nb is not None:
         z = z ^ (z >> np.uint64(31))
         return np.int64(z >> np.uint64(40))
 
-    @nb.njit(parallel=True, nogil=True, cache=True)
-    def _fold_kernel(base, fts, base_coef, scale_base, coefs, out):
-        n = out.shape[0]
-        nch = (n + CHUNK - 1) // CHUNK
-        for c in nb.prange(nch):
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            acc = np.empty(hi - lo, np.float32)
-            if scale_base:
-                for j in range(lo, hi):
-                    acc[j - lo] = _load(base[j]) * base_coef
-            else:
-                for j in range(lo, hi):
-                    acc[j - lo] = _load(base[j])
-            for i in range(len(fts)):
-                f = fts[i]
-                ci = coefs[i]
-                for j in range(lo, hi):
-                    acc[j - lo] = _fma(_load(f[j]), ci, acc[j - lo])
-            for j in range(lo, hi):
-                _put(out, j, acc[j - lo])
-        return out
-
-    @nb.njit(parallel=True, nogil=True, cache=True)
-    def _hist_high(base, fts, nparts):
-        """Per task: counts of |τ|'s 16 high bits (slot 65536 counts NaNs)."""
-        n = base.shape[0]
-        t = len(fts)
-        hist = np.zeros((nparts, t, 65537), np.int64)
-        step = (n + nparts - 1) // nparts
-        for p in nb.prange(nparts):
-            lo = p * step
-            hi = min(n, lo + step)
-            for i in range(t):
-                f = fts[i]
-                for j in range(lo, hi):
-                    a = _f32_to_bits(_delta(_load(f[j]), _load(base[j]))) & _ABS
-                    if a > _INF_BITS:
-                        hist[p, i, 65536] += 1
-                    else:
-                        hist[p, i, a >> np.uint32(16)] += 1
-        return hist.sum(axis=0)
-
-    @nb.njit(parallel=True, nogil=True, cache=True)
-    def _hist_low(base, fts, buckets, nparts):
-        """Per task: counts of |τ|'s 16 low bits among entries in that task's high bucket."""
-        n = base.shape[0]
-        t = len(fts)
-        hist = np.zeros((nparts, t, 65536), np.int64)
-        step = (n + nparts - 1) // nparts
-        for p in nb.prange(nparts):
-            lo = p * step
-            hi = min(n, lo + step)
-            for i in range(t):
-                f = fts[i]
-                bucket = np.uint32(buckets[i])
-                if buckets[i] < 0:
-                    continue
-                for j in range(lo, hi):
-                    a = _f32_to_bits(_delta(_load(f[j]), _load(base[j]))) & _ABS
-                    if (a >> np.uint32(16)) == bucket:
-                        hist[p, i, a & np.uint32(0xFFFF)] += 1
-        return hist.sum(axis=0)
-
-    @nb.njit(parallel=True, nogil=True, cache=True)
-    def _tie_counts(base, fts, vbits, active):
-        """Per chunk and task: how many |τ| equal that task's threshold (tasks with active[i])."""
-        n = base.shape[0]
-        t = len(fts)
-        nch = (n + CHUNK - 1) // CHUNK
-        counts = np.zeros((nch, t), np.int64)
-        for c in nb.prange(nch):
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            for i in range(t):
-                if not active[i]:
-                    continue
-                f = fts[i]
-                v = np.uint32(vbits[i])
-                k = 0
-                for j in range(lo, hi):
-                    a = _f32_to_bits(_delta(_load(f[j]), _load(base[j]))) & _ABS
-                    if a == v:
-                        k += 1
-                counts[c, i] = k
-        return counts
-
     @nb.njit(inline="always")
-    def _combine_chunk(xs, m, bb, w, consensus, weighted, frequency, normalize, norm_total, lam, out, lo):
-        """TIES election + disjoint merge (``consensus``) or a weighted sum of the chunk's τ̂ rows,
-        then λ, added to the base: the operation order of methods._elect_and_merge / _combine."""
-        t = xs.shape[0]
-        num = np.zeros(m, np.float32)
-        if consensus:
-            if weighted:
-                for i in range(t):
-                    wi = w[i]
-                    for jj in range(m):
-                        xs[i, jj] = xs[i, jj] * wi
-            score = np.zeros(m, np.float32)
-            for i in range(t):
-                for jj in range(m):
-                    x = xs[i, jj]
-                    if frequency:
-                        s = np.float32(1.0) if x > 0 else (np.float32(-1.0) if x < 0 else np.float32(0.0) * x)
-                        score[jj] += s
-                    else:
-                        score[jj] += x
-            den = np.zeros(m, np.float32)
-            for i in range(t):
-                wi = w[i]
-                for jj in range(m):
-                    x = xs[i, jj]
-                    agree = x > 0 if score[jj] >= 0 else x < 0
-                    kept = x if agree else np.float32(0.0)
-                    flag = np.float32(1.0) if agree else np.float32(0.0)
-                    if weighted:
-                        num[jj] += kept
-                        den[jj] = _fma(flag, wi, den[jj])
-                    else:
-                        num[jj] = _fma(kept, wi, num[jj])
-                        den[jj] += flag
-            if normalize:
-                for jj in range(m):
-                    d = den[jj]
-                    if weighted:
-                        if abs(d) < 1e-8:
-                            d = np.float32(1.0)
-                    elif d < 1.0:
-                        d = np.float32(1.0)
-                    num[jj] = num[jj] / d
-        else:
-            w0 = w[0]
-            for jj in range(m):
-                num[jj] = xs[0, jj] * w0
-            for i in range(1, t):
-                wi = w[i]
-                for jj in range(m):
-                    num[jj] = _fma(xs[i, jj], wi, num[jj])
-            if normalize:
-                for jj in range(m):
-                    num[jj] = num[jj] / norm_total
-        for jj in range(m):
-            r = num[jj]
-            if lam != 1.0:
-                r = r * lam
-            _put(out, lo + jj, bb[jj] + r)
+    def _sign(x):
+        """torch.sign: ±1, and 0 for ±0."""
+        return np.float32(1.0) if x > 0 else (np.float32(-1.0) if x < 0 else np.float32(0.0) * x)
 
-    @nb.njit(parallel=True, nogil=True, cache=True)
-    def _ties_kernel(base, fts, vbits, quota, counts, use_thr, thr, w, weighted, frequency, normalize, lam, out):
-        """TIES on one tensor. Exact top-k: keep |τ_i| > v_i, and of the entries equal to v_i the
-        first quota[c, i] in chunk c (all of them where quota == counts). ``use_thr``: keep
-        |τ_i| >= thr[i] (global top-k thresholds)."""
-        n = base.shape[0]
-        t = len(fts)
-        nch = (n + CHUNK - 1) // CHUNK
-        for c in nb.prange(nch):
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            m = hi - lo
-            bb = np.empty(m, np.float32)
-            for jj in range(m):
-                bb[jj] = _load(base[lo + jj])
-            xs = np.empty((t, m), np.float32)
-            for i in range(t):
-                f = fts[i]
-                if use_thr:
-                    ti = thr[i]
-                    for jj in range(m):
-                        d = _delta(_load(f[lo + jj]), bb[jj])
-                        xs[i, jj] = d if abs(d) >= ti else np.float32(0.0) * d
-                    continue
-                v = np.uint32(vbits[i])
-                q = quota[c, i]
-                if q == counts[c, i]:
-                    for jj in range(m):
-                        d = _delta(_load(f[lo + jj]), bb[jj])
-                        xs[i, jj] = d if (_f32_to_bits(d) & _ABS) >= v else np.float32(0.0) * d
-                else:
-                    for jj in range(m):
-                        d = _delta(_load(f[lo + jj]), bb[jj])
-                        xs[i, jj] = d if (_f32_to_bits(d) & _ABS) > v else np.float32(0.0) * d
-                    jj = 0
-                    while q > 0 and jj < m:
-                        d = _delta(_load(f[lo + jj]), bb[jj])
-                        if (_f32_to_bits(d) & _ABS) == v:
-                            xs[i, jj] = d
-                            q -= 1
-                        jj += 1
-            _combine_chunk(xs, m, bb, w, True, weighted, frequency, normalize, np.float32(1.0), lam, out, lo)
-        return out
+    # Selection passes work on one task at a time over elements [lo, hi), without the GIL; _run
+    # spreads the ranges of one tensor over a shared thread pool.
 
-    @nb.njit(parallel=True, nogil=True, cache=True)
-    def _dare_kernel(
-        base, fts, keys, thr24, dens, mode, rescale, consensus, w, weighted, frequency, normalize, norm_total, lam, out
-    ):
-        """DARE on one tensor: mode[i] 0 = drop with P(keep) = thr24[i]/2^24 (then ÷ dens[i] if
-        ``rescale``), 1 = keep all (density >= 1), 2 = drop all (density <= 0)."""
-        n = base.shape[0]
-        t = len(fts)
-        nch = (n + CHUNK - 1) // CHUNK
-        for c in nb.prange(nch):
-            lo = c * CHUNK
-            hi = min(n, lo + CHUNK)
-            m = hi - lo
-            bb = np.empty(m, np.float32)
-            for jj in range(m):
-                bb[jj] = _load(base[lo + jj])
-            xs = np.empty((t, m), np.float32)
-            for i in range(t):
-                f = fts[i]
-                if mode[i] == 1:
-                    for jj in range(m):
-                        xs[i, jj] = _delta(_load(f[lo + jj]), bb[jj])
-                    continue
-                if mode[i] == 2:
-                    for jj in range(m):
-                        xs[i, jj] = np.float32(0.0)
-                    continue
-                key = keys[i]
-                cut = thr24[i]
-                di = dens[i]
-                for jj in range(m):
-                    d = _delta(_load(f[lo + jj]), bb[jj])
-                    x = d if _u24(key, lo + jj) < cut else np.float32(0.0) * d
-                    if rescale:
-                        x = x / di
-                    xs[i, jj] = x
-            _combine_chunk(xs, m, bb, w, consensus, weighted, frequency, normalize, norm_total, lam, out, lo)
-        return out
+    @nb.njit(nogil=True, cache=True, error_model="numpy")
+    def _hist_high(b, f, hist, lo, hi):
+        """Counts of |τ|'s 16 high bits into hist (slot 65536 counts NaNs)."""
+        bs, fs = b[lo:hi], f[lo:hi]
+        for j in range(hi - lo):
+            a = _f32_to_bits(_delta(_load(fs[j]), _load(bs[j]))) & _ABS
+            if a > _INF_BITS:
+                hist[65536] += 1
+            else:
+                hist[a >> np.uint32(16)] += 1
+
+    @nb.njit(nogil=True, cache=True, error_model="numpy")
+    def _hist_low(b, f, bucket, hist, lo, hi):
+        """Counts of |τ|'s 16 low bits among the entries whose high bits are ``bucket``."""
+        bs, fs = b[lo:hi], f[lo:hi]
+        want = np.uint32(bucket)
+        for j in range(hi - lo):
+            a = _f32_to_bits(_delta(_load(fs[j]), _load(bs[j]))) & _ABS
+            if (a >> np.uint32(16)) == want:
+                hist[a & np.uint32(0xFFFF)] += 1
+
+    @nb.njit(nogil=True, cache=True, error_model="numpy")
+    def _count_equal(b, f, v, counts, lo, hi):
+        """counts[c] = how many |τ| bit patterns equal v in chunk c (chunks of CHUNK elements)."""
+        target = np.uint32(v)
+        for c0 in range(lo, hi, CHUNK):
+            c1 = min(hi, c0 + CHUNK)
+            bs, fs = b[c0:c1], f[c0:c1]
+            k = 0
+            for j in range(c1 - c0):
+                a = _f32_to_bits(_delta(_load(fs[j]), _load(bs[j]))) & _ABS
+                k += 1 if a == target else 0
+            counts[c0 // CHUNK] = k
+
+    @nb.njit(nogil=True, cache=True, error_model="numpy")
+    def _nth_equal(b, f, v, lo, hi, r):
+        """1 + the index of the r-th (1-based) entry in [lo, hi) whose |τ| bit pattern is v."""
+        target = np.uint32(v)
+        for j in range(lo, hi):
+            a = _f32_to_bits(_delta(_load(f[j]), _load(b[j]))) & _ABS
+            if a == target:
+                r -= 1
+                if r == 0:
+                    return j + 1
+        return hi
 
 
 # ------------------------------------------------------------------------------------------------
-# Python entry points: torch tensors in, an fp32 torch tensor out
+# Per-element merge kernels, generated for each number of tasks T
+# ------------------------------------------------------------------------------------------------
+# A loop over a tuple of T arrays inside the element loop does not vectorise (numba indexes the
+# tuple through a switch; 13× slower measured), so the merge kernels are written out for each T:
+# every τ_i is a scalar in registers and the loop body is branch-free. The source goes to a file in
+# the cache folder so numba can cache the compiled code like any module's.
+
+
+def _lines(template: str, t: int) -> str:
+    """Repeat each line holding ``{i}`` once per task (i = 0..T−1; ``{j}``: 1..T−1); ``{sum:EXPR}``
+    becomes the left fold ((0 + EXPR₀) + EXPR₁) + ... with ``@`` the task index."""
+    out = []
+    for line in template.splitlines():
+        if "{sum:" in line:
+            head, rest = line.split("{sum:", 1)
+            expr, tail = rest.split("}", 1)
+            acc = "np.float32(0.0)"
+            for i in range(t):
+                acc = f"({acc} + {expr.replace('@', str(i))})"
+            out.append(head + acc + tail)
+        elif "{i}" in line:
+            out.extend(line.replace("{i}", str(i)) for i in range(t))
+        elif "{j}" in line:  # tasks 1..T−1 (after an explicit first term)
+            out.extend(line.replace("{j}", str(i)) for i in range(1, t))
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+_TEMPLATE = """
+import numpy as np
+import numba as nb
+from hf_taskarith.kernels import _ABS, _delta, _f32_to_bits, _fma, _load, _put, _sign, _u24
+
+_JIT = dict(nogil=True, cache=True, error_model="numpy")
+
+
+@nb.njit(**_JIT)
+def fold(b, FS, base_coef, scale_base, coefs, out, lo, hi):
+    c{i} = coefs[{i}]
+    bs, os = b[lo:hi], out[lo:hi]
+    g{i} = f{i}[lo:hi]
+    for j in range(hi - lo):
+        acc = _load(bs[j])
+        if scale_base:
+            acc = acc * base_coef
+        acc = _fma(_load(g{i}[j]), c{i}, acc)
+        _put(os, j, acc)
+
+
+@nb.njit(inline="always")
+def _combine(base, X, w, consensus, weighted, frequency, normalize, norm_total, lam):
+    w{i} = w[{i}]
+    if consensus:
+        if weighted:
+            x{i} = x{i} * w{i}
+        if frequency:
+            score = {sum:_sign(x@)}
+        else:
+            score = {sum:x@}
+        pos = score >= 0
+        a{i} = (x{i} > 0) if pos else (x{i} < 0)
+        num = np.float32(0.0)
+        den = np.float32(0.0)
+        if weighted:
+            num = num + (x{i} if a{i} else np.float32(0.0))
+            den = _fma(np.float32(1.0) if a{i} else np.float32(0.0), w{i}, den)
+            if normalize:
+                num = num / (np.float32(1.0) if abs(den) < 1e-8 else den)
+        else:
+            num = _fma(x{i} if a{i} else np.float32(0.0), w{i}, num)
+            den = den + (np.float32(1.0) if a{i} else np.float32(0.0))
+            if normalize:
+                num = num / max(den, np.float32(1.0))
+    else:
+        num = x0 * w0
+        num = _fma(x{j}, w{j}, num)
+        if normalize:
+            num = num / norm_total
+    if lam != 1.0:
+        num = num * lam
+    return base + num
+
+
+@nb.njit(**_JIT)
+def ties(b, FS, vbits, cuts, use_thr, thr, w, weighted, frequency, normalize, lam, out, lo, hi):
+    v{i} = np.uint32(vbits[{i}])
+    k{i} = cuts[{i}]
+    t{i} = thr[{i}]
+    bs, os = b[lo:hi], out[lo:hi]
+    g{i} = f{i}[lo:hi]
+    for j in range(hi - lo):
+        base = _load(bs[j])
+        d{i} = _delta(_load(g{i}[j]), base)
+        a{i} = _f32_to_bits(d{i}) & _ABS
+        keep{i} = (abs(d{i}) >= t{i}) if use_thr else ((a{i} > v{i}) | ((a{i} == v{i}) & (lo + j < k{i})))
+        x{i} = d{i} if keep{i} else np.float32(0.0) * d{i}
+        _put(os, j, _combine(base, X, w, True, weighted, frequency, normalize, np.float32(1.0), lam))
+
+
+@nb.njit(**_JIT)
+def dare(b, FS, keys, cut24, dens, mode, rescale, consensus, w, weighted, frequency, normalize, norm_total, lam, out, lo, hi):
+    key{i} = keys[{i}]
+    c{i} = cut24[{i}]
+    p{i} = dens[{i}]
+    m{i} = mode[{i}]
+    bs, os = b[lo:hi], out[lo:hi]
+    g{i} = f{i}[lo:hi]
+    for j in range(hi - lo):
+        base = _load(bs[j])
+        d{i} = _delta(_load(g{i}[j]), base)
+        x{i} = d{i} if _u24(key{i}, lo + j) < c{i} else np.float32(0.0) * d{i}
+        x{i} = (x{i} / p{i} if rescale else x{i}) if m{i} == 0 else (d{i} if m{i} == 1 else np.float32(0.0))
+        _put(os, j, _combine(base, X, w, consensus, weighted, frequency, normalize, norm_total, lam))
+"""
+
+_GENERATED: dict = {}
+_GEN_LOCK = threading.Lock()
+
+
+def _cache_dir() -> "os.PathLike":
+    from pathlib import Path
+
+    root = os.environ.get("HF_TASKARITH_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hf_taskarith", "kernels"
+    )
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        import tempfile
+
+        path = Path(tempfile.gettempdir()) / f"hf_taskarith-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _kernels_for(t: int):
+    """The generated module of merge kernels for T tasks (written and imported once)."""
+    with _GEN_LOCK:
+        if t in _GENERATED:
+            return _GENERATED[t]
+        import hashlib
+        import importlib.util
+
+        source = _lines(_TEMPLATE, t)
+        source = source.replace("FS", ", ".join(f"f{i}" for i in range(t)))
+        source = source.replace("X,", ", ".join(f"x{i}" for i in range(t)) + ",")
+        digest = hashlib.sha256((source + nb.__version__).encode()).hexdigest()[:16]
+        name = f"hf_taskarith_fused_t{t}_{digest}"
+        path = os.path.join(_cache_dir(), name + ".py")
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w") as fh:
+                fh.write(source)
+            os.replace(tmp, path)  # atomic: concurrent processes see a whole file or none
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # numba's cache finds the module's globals by name
+        spec.loader.exec_module(module)
+        _GENERATED[t] = module
+        return module
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+_RANGE = 1 << 20  # elements per work item: small enough to balance the threads
+
+
+def _pool():
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers != _threads():
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOL = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="hf_taskarith-kernel")
+        return _POOL
+
+
+def _run(fn, n: int, *args) -> None:
+    """``fn(*args, lo, hi)`` over chunk-aligned ranges of _RANGE elements covering [0, n), handed
+    to the kernel pool's threads as they free up."""
+    _wait([(fn, (*args, lo, min(n, lo + _RANGE))) for lo in range(0, n, _RANGE)])
+
+
+def _hist(fn, n: int, size: int, *args) -> np.ndarray:
+    """Sum over threads of ``fn(*args, hist_p, lo, hi)``, one near-equal range and histogram each."""
+    per_thread = -(-n // _threads())  # ceil
+    step = max(CHUNK, -(-per_thread // CHUNK) * CHUNK)
+    ranges = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    hists = np.zeros((max(len(ranges), 1), size), dtype=np.int64)
+    _wait([(fn, (*args, hists[p], lo, hi)) for p, (lo, hi) in enumerate(ranges)])
+    return hists.sum(axis=0)
+
+
+def _wait(calls) -> None:
+    if len(calls) <= 1:
+        for fn, args in calls:
+            fn(*args)
+        return
+    for future in [_pool().submit(fn, *args) for fn, args in calls]:
+        future.result()
+
+
+# ------------------------------------------------------------------------------------------------
+# Python entry points: torch tensors in, an fp32 (or bf16) torch tensor out
 # ------------------------------------------------------------------------------------------------
 
 
@@ -450,58 +482,40 @@ def fold(
     b, fs = arrays
     out, view = _output(base.shape, out_dtype)
     coefs = np.array([c for c, _ in terms], dtype=np.float32)
-    with _LOCK:
-        nb.set_num_threads(_threads())
-        _fold_kernel(b, fs, np.float32(base_coef), base_coef != 1.0, coefs, view)
+    _run(_kernels_for(len(fs)).fold, b.shape[0], b, *fs, np.float32(base_coef), base_coef != 1.0, coefs, view)
     return out
 
 
-def _select(b: np.ndarray, fs: Tuple[np.ndarray, ...], ks: Sequence[int]) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Exact k-th largest |τ_i| bit patterns by radix select; with the quota arrays for ties.
+def _select(b: np.ndarray, f: np.ndarray, k: int) -> Optional[Tuple[int, int]]:
+    """Exact top-k of |τ| = |f − b| by radix select on the fp32 bit pattern.
 
-    Returns ``(vbits, quota, counts)`` or ``None`` when a τ_i has NaNs.
+    Returns ``(v, cut)``: keep entries with bits(|τ|) > v, and those equal to v at indices < cut
+    (the lowest-index ties, as :func:`hf_taskarith.methods.topk_mask`); ``None`` if τ has NaNs.
     """
-    n, t = b.shape[0], len(fs)
-    nparts = _threads()
-    high = _hist_high(b, fs, nparts)
-    if high[:, 65536].any():
+    n = b.shape[0]
+    if k <= 0:
+        return 0x80000000, 0  # above every |τ| bit pattern: nothing kept
+    if k >= n:
+        return 0, n  # everything is >= 0: all kept
+    high = _hist(_hist_high, n, 65537, b, f)
+    if high[65536]:
         return None
-    buckets = np.full(t, -1, dtype=np.int64)
-    above = np.zeros(t, dtype=np.int64)
-    vbits = np.zeros(t, dtype=np.int64)
-    for i, k in enumerate(ks):
-        if k <= 0:
-            vbits[i] = 0x80000000  # above every |τ| bit pattern: nothing kept
-        elif k >= n:
-            vbits[i] = 0  # every entry is >= 0: all kept
-        else:
-            from_top = np.cumsum(high[i, :65536][::-1])
-            pos = int(np.searchsorted(from_top, k))
-            buckets[i] = 65535 - pos
-            above[i] = from_top[pos - 1] if pos > 0 else 0
-    need = np.zeros(t, dtype=np.int64)
-    ties = np.zeros(t, dtype=np.int64)
-    if (buckets >= 0).any():
-        low = _hist_low(b, fs, buckets, nparts)
-        for i in range(t):
-            if buckets[i] < 0:
-                continue
-            from_top = np.cumsum(low[i][::-1])
-            pos = int(np.searchsorted(from_top, ks[i] - above[i]))
-            low_bits = 65535 - pos
-            vbits[i] = (int(buckets[i]) << 16) | low_bits
-            n_gt = above[i] + (from_top[pos - 1] if pos > 0 else 0)
-            need[i], ties[i] = ks[i] - n_gt, low[i][low_bits]
-    nch = (n + CHUNK - 1) // CHUNK
-    partial = (buckets >= 0) & (need != ties)  # some but not all entries at the threshold are kept
-    if partial.any():
-        counts = _tie_counts(b, fs, vbits, partial)
-        before = np.cumsum(counts, axis=0) - counts
-        quota = np.where(partial[None, :], np.clip(need[None, :] - before, 0, counts), counts)
-    else:
-        counts = np.zeros((nch, t), dtype=np.int64)
-        quota = counts
-    return vbits, np.ascontiguousarray(quota), np.ascontiguousarray(counts)
+    from_top = np.cumsum(high[:65536][::-1])
+    pos = int(np.searchsorted(from_top, k))
+    bucket = 65535 - pos
+    above = int(from_top[pos - 1]) if pos > 0 else 0
+    low = _hist(_hist_low, n, 65536, b, f, bucket)
+    from_top = np.cumsum(low[::-1])
+    pos = int(np.searchsorted(from_top, k - above))
+    v = (bucket << 16) | (65535 - pos)
+    need = k - above - (int(from_top[pos - 1]) if pos > 0 else 0)  # ties at v to keep
+    if need == int(low[65535 - pos]):
+        return v, n  # all of them
+    counts = np.zeros(-(-n // CHUNK), dtype=np.int64)
+    _run(_count_equal, n, b, f, v, counts)
+    before = np.cumsum(counts) - counts
+    c = int(np.searchsorted(before + counts, need))  # the chunk holding the need-th tie
+    return v, int(_nth_equal(b, f, v, c * CHUNK, min(n, (c + 1) * CHUNK), need - int(before[c])))
 
 
 def ties(
@@ -537,24 +551,23 @@ def ties(
         return None
     b, fs = arrays
     t = len(fs)
-    with _LOCK:
-        nb.set_num_threads(_threads())
-        if thresholds is not None:
-            vbits = np.zeros(t, dtype=np.int64)
-            quota = counts = np.zeros((1, t), dtype=np.int64)
-            thr = np.asarray(thresholds, dtype=np.float32)
-        else:
-            selected = _select(b, fs, list(ks))
+    vbits = np.zeros(t, dtype=np.int64)
+    cuts = np.zeros(t, dtype=np.int64)
+    thr = np.zeros(t, dtype=np.float32)
+    if thresholds is not None:
+        thr[:] = np.asarray(thresholds, dtype=np.float32)
+    else:
+        for i, (f, k) in enumerate(zip(fs, ks)):
+            selected = _select(b, f, int(k))
             if selected is None:
                 return None
-            vbits, quota, counts = selected
-            thr = np.zeros(t, dtype=np.float32)
-        out, view = _output(base.shape, out_dtype)
-        _ties_kernel(
-            b, fs, vbits, quota, counts, thresholds is not None, thr, np.asarray(weights, dtype=np.float32),
-            bool(weighted_election), majority_sign_method == "frequency", bool(normalize), np.float32(lambda_),
-            view,
-        )
+            vbits[i], cuts[i] = selected
+    out, view = _output(base.shape, out_dtype)
+    _run(
+        _kernels_for(t).ties, b.shape[0], b, *fs, vbits, cuts, thresholds is not None, thr,
+        np.asarray(weights, dtype=np.float32), bool(weighted_election), majority_sign_method == "frequency",
+        bool(normalize), np.float32(lambda_), view,
+    )
     return out
 
 
@@ -597,14 +610,12 @@ def dare(
     total = math.fsum(weights)
     norm_total = np.float32(total if abs(total) >= 1e-8 else 1.0)
     out, view = _output(base.shape, out_dtype)
-    with _LOCK:
-        nb.set_num_threads(_threads())
-        _dare_kernel(
-            b, fs, np.asarray([k % (1 << 64) for k in keys], dtype=np.uint64), cut,
-            np.asarray(densities, dtype=np.float32), mode, bool(rescale), bool(consensus),
-            np.asarray(weights, dtype=np.float32), bool(weighted_election), majority_sign_method == "frequency",
-            bool(normalize), norm_total, np.float32(lambda_), view,
-        )
+    _run(
+        _kernels_for(len(fs)).dare, b.shape[0], b, *fs, np.asarray([k % (1 << 64) for k in keys], dtype=np.uint64),
+        cut, np.asarray(densities, dtype=np.float32), mode, bool(rescale), bool(consensus),
+        np.asarray(weights, dtype=np.float32), bool(weighted_election), majority_sign_method == "frequency",
+        bool(normalize), norm_total, np.float32(lambda_), view,
+    )
     return out
 
 

@@ -87,9 +87,9 @@ def fold_linear(
         from . import kernels
 
         if kernels.available():  # one fused pass over the stored inputs (same bits as below)
-            from .checkpoint import read_only_views
+            from .checkpoint import mapped_reads
 
-            with read_only_views():  # the kernel and the fallback below only read these
+            with mapped_reads():  # map, do not copy: the kernel reads each once
                 loaded = [(coef, load()) for coef, load in reads]
                 first = (loaded[0][1], loaded[0][0]) if abs(base_coef) < 1e-12 else (base.raw(), base_coef)
             # θ0 cancels: the first input takes its place, as below

@@ -300,9 +300,9 @@ class MethodMerge(StreamingMerge):
 
 
     def _fused_inputs(self, name: str) -> Optional[List[torch.Tensor]]:
-        """Read-only views of the finetuned tensors θ_i when every τ_i is a plain θ_i − θ0 (full
+        """Mapped views of the finetuned tensors θ_i when every τ_i is a plain θ_i − θ0 (full
         finetunes), else None."""
-        from .checkpoint import read_only_views
+        from .checkpoint import mapped_reads
 
         store = self.base.store
         loads = []
@@ -316,14 +316,14 @@ class MethodMerge(StreamingMerge):
             ):
                 return None
             loads.append(parts[0][2])
-        with read_only_views():
+        with mapped_reads():
             return [load() for load in loads]
 
     @staticmethod
     def _base_view(base: LazyTensor) -> torch.Tensor:
-        from .checkpoint import read_only_views
+        from .checkpoint import mapped_reads
 
-        with read_only_views():
+        with mapped_reads():
             return base.raw()
 
     def _fused(self, name: str, base: LazyTensor, t: float) -> Optional[torch.Tensor]:

@@ -898,6 +898,12 @@ def section_methods(ctx: Context) -> SectionResult:
     )
     if floor is None:
         res.notes.append("The IO floor could not be measured, so there is no floor ratio.")
+    res.notes.append(
+        "Ours runs these three methods through the fused CPU kernels (`hf_taskarith/kernels.py`; compiled on first "
+        "use and cached in `~/.cache/hf_taskarith/kernels`, so a first-ever run adds the compile time, ~10 s per "
+        "method, which the median of the runs leaves out). Ours fsyncs every shard before renaming the output into "
+        "place (its wall time includes waiting for the disk); mergekit leaves its output in the page cache."
+    )
     if verify_lines:
         res.notes.append(
             "Output agreement, every tensor of the model. `task_arithmetic` and `ties` are deterministic; "

@@ -12,9 +12,12 @@ of every tensor. Candidates, all exact:
   ``bincount`` of the high 16 bits finds the bin holding the k-th largest and a second ``bincount``
   of the low 16 bits of that bin's members pins the exact bit pattern (what ``global_topk.py``
   does over a whole model, here on one tensor);
-* ``methods._kth_largest`` (what ``hf_taskarith/methods.py`` uses): sort a fixed-seed sample of 2^18
-  entries, bracket the k-th largest by ±8σ of its sample rank, count/select inside the bracket with
-  ``kthvalue``; verified by counts, so exact.
+* ``methods._kth_largest`` (what the torch methods in ``hf_taskarith/methods.py`` use): sort a
+  fixed-seed sample of 2^18 entries, bracket the k-th largest by ±8σ of its sample rank,
+  count/select inside the bracket with ``kthvalue``; verified by counts, so exact;
+* ``kernels._select`` (what the fused CPU kernels use for full finetunes): the radix select above
+  as two numba histogram passes that form τ = θ − θ0 and |τ| themselves (given θ0 = 0 here, so it
+  also pays for reading a zero base), on ``torch.get_num_threads()`` threads.
 
 Each candidate gets |τ| precomputed (the ``abs`` pass is timed separately) and must return the
 same value, bit for bit, as ``torch.kthvalue``. Two inputs: a continuous one (fp32 Gaussian, no
@@ -74,13 +77,31 @@ def by_methods(a: torch.Tensor, k: int) -> torch.Tensor:
     return methods._kth_largest(a, k)
 
 
+_ZEROS: Dict[int, torch.Tensor] = {}
+
+
+def by_kernel(a: torch.Tensor, k: int) -> torch.Tensor:
+    from hf_taskarith import kernels
+
+    zeros = _ZEROS.setdefault(a.numel(), torch.zeros(a.numel()))
+    v, _ = kernels._select(zeros.numpy(), a.numpy(), k)
+    return torch.tensor([v], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
+
+
 CANDIDATES: Dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "torch.sort": by_sort,
     "torch.topk": by_topk,
     "torch.kthvalue": by_kthvalue,
     "radix select (2×16-bit bincount)": by_radix,
-    "methods._kth_largest (sampled bracket; used)": by_methods,
+    "methods._kth_largest (sampled bracket; torch path)": by_methods,
 }
+try:  # the fused kernels need numba
+    from hf_taskarith import kernels as _kernels
+
+    if _kernels.available():
+        CANDIDATES["kernels._select (numba radix, τ and |·| fused; CPU kernel path)"] = by_kernel
+except ImportError:  # pragma: no cover
+    pass
 
 
 def inputs(rows: int, cols: int) -> Dict[str, torch.Tensor]:
