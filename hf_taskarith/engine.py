@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 from abc import ABC, abstractmethod
@@ -268,12 +269,17 @@ class StreamingMerge(ABC):
         read_ahead: int = 2,
         progress: bool = False,
         pinned: bool = False,
+        downstream: Optional["BackgroundWriter"] = None,
     ) -> Iterator[Tuple[str, torch.Tensor]]:
         """Yield ``(name, merged tensor)`` one at a time, in the base's file order.
 
         At most ``read_ahead + 1`` tensors are being read, computed or held by the caller at any
         time: a new one is submitted only when the oldest is taken, so memory does not grow with
-        the model.
+        the model. Tensors are also bounded by bytes: a tensor starts only while the outputs of
+        the tensors in flight (plus what ``downstream`` still holds) stay within the largest output
+        tensor and a quarter more, so the two biggest tensors (embeddings and ``lm_head``, often
+        next to each other in a file) are never worked on at once and the peak does not depend on
+        thread timing.
 
         Args:
             dtype: Output dtype for floating tensors (default: the base's).
@@ -283,6 +289,7 @@ class StreamingMerge(ABC):
             progress: Show an HF-style progress bar.
             pinned: With CUDA, return results in pinned host memory (faster copies back; for
                 consumers that drop each tensor soon, like the writer).
+            downstream: The writer the results go to; the bytes it still holds count as in flight.
         """
         self._ensure_valid()
         out_dtype = self.output_dtype(dtype)
@@ -293,20 +300,31 @@ class StreamingMerge(ABC):
             order = list(iter_in_file_order(self.base.store))
         bar = _progress(len(order), "Merging tensors", progress)
         workers = max(1, read_ahead)
+        store = self.base.store
+        size = {n: math.prod(store.shape(n)) * (out_dtype.itemsize if store.dtype(n).is_floating_point
+                                                 else store.dtype(n).itemsize) for n in order}
+        budget = max(size.values(), default=0)
+        budget += budget // 4
+        held = downstream.held_bytes if downstream is not None else (lambda: 0)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_taskarith-compute") as pool:
             pending: deque = deque()
             names = iter(order)
+            nxt = next(names, None)
             try:
-                for name in names:
-                    pending.append((name, pool.submit(self._one, name, out_dtype, dev, pinned)))
-                    if len(pending) >= workers:
-                        break
-                while pending:
+                while True:
+                    while nxt is not None and len(pending) < workers:
+                        busy = sum(size[n] for n, _ in pending) + held()
+                        if busy and busy + size[nxt] > budget:
+                            break
+                        pending.append((nxt, pool.submit(self._one, nxt, out_dtype, dev, pinned)))
+                        nxt = next(names, None)
+                    if not pending:
+                        if nxt is None:
+                            break
+                        downstream.wait_for_write()  # only the writer holds bytes: let it drain
+                        continue
                     name, fut = pending.popleft()
                     result = fut.result()
-                    nxt = next(names, None)
-                    if nxt is not None:
-                        pending.append((nxt, pool.submit(self._one, nxt, out_dtype, dev, pinned)))
                     bar.update(1)
                     yield name, result
                     del result
@@ -391,7 +409,9 @@ class StreamingMerge(ABC):
         """
         writer = BackgroundWriter(StreamingShardWriter(folder, plan, shards=shards), max_queued=2)
         order = [t.name for t in writer.writer.order()]
-        tensors = self.iter_tensors(out_dtype, device=device, order=order, progress=progress, pinned=True)
+        tensors = self.iter_tensors(
+            out_dtype, device=device, order=order, progress=progress, pinned=True, downstream=writer
+        )
         try:
             for name, tensor in tensors:
                 writer.put(name, tensor)

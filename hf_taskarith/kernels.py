@@ -4,7 +4,8 @@ Why: on CPU every torch op is one pass over memory. The reference implementation
 :mod:`hf_taskarith.methods` build a (T, n) fp32 stack of τ, trim it into a second one and run
 the sign election as a chain of ~20 elementwise ops, so a TIES merge of a 1B model makes a few
 hundred passes over gigabytes. These kernels read the bf16/fp32 inputs directly (τ is never
-stored), parallelise over chunks, and give **the same bits** as the torch reference on CPU
+stored), split each tensor into ranges for a thread pool, and give **the same bits** as the torch
+reference on CPU
 (``tests/test_kernels.py`` checks bitwise, including the order of fp32 additions and the fused
 multiply-adds torch uses for ``add_(x, alpha=w)``).
 
@@ -353,15 +354,22 @@ def _cache_dir() -> "os.PathLike":
     path = Path(root)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
-    except OSError:
+    except OSError:  # no writable cache: a private folder for this process (compiles again next time)
         import tempfile
 
-        path = Path(tempfile.gettempdir()) / f"hf_taskarith-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        path.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix="hf_taskarith-kernels-"))
     return path
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError:
+        return ""
 
 
 def _kernels_for(t: int):
@@ -378,9 +386,10 @@ def _kernels_for(t: int):
         digest = hashlib.sha256((source + nb.__version__).encode()).hexdigest()[:16]
         name = f"hf_taskarith_fused_t{t}_{digest}"
         path = os.path.join(_cache_dir(), name + ".py")
-        if not os.path.exists(path):
+        # Only ever import a file that holds exactly this source (never whatever else lies there).
+        if _read(path) != source:
             tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "w") as fh:
+            with open(tmp, "w", encoding="utf-8") as fh:
                 fh.write(source)
             os.replace(tmp, path)  # atomic: concurrent processes see a whole file or none
         spec = importlib.util.spec_from_file_location(name, path)

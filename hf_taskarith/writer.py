@@ -193,6 +193,10 @@ def write_index(folder: Path, plan: ShardPlan) -> None:
         (Path(folder) / f"{plan.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class BackgroundWriter:
     """Runs a :class:`StreamingShardWriter` in its own thread behind a bounded queue.
 
@@ -212,6 +216,8 @@ class BackgroundWriter:
         self.writer = writer
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, max_queued))
         self._error: Optional[BaseException] = None
+        self._held = 0  # bytes of tensors queued or being written
+        self._written = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="hf_taskarith-writer", daemon=True)
         self._thread.start()
 
@@ -220,12 +226,15 @@ class BackgroundWriter:
             item = self._queue.get()
             if item is self._DONE:
                 return
-            if self._error is not None:
-                continue  # drain so put() never blocks on a dead writer
             try:
-                self.writer.write(*item)
+                if self._error is None:  # after an error: drain, so put() never blocks on a dead writer
+                    self.writer.write(*item)
             except BaseException as err:  # re-raised in the caller's thread
                 self._error = err
+            finally:
+                with self._written:
+                    self._held -= _nbytes(item[1])
+                    self._written.notify_all()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -234,7 +243,20 @@ class BackgroundWriter:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Queue one tensor for writing (blocks while the queue is full)."""
         self._raise()
+        with self._written:
+            self._held += _nbytes(tensor)
         self._queue.put((name, tensor))
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors queued or being written."""
+        return self._held
+
+    def wait_for_write(self, timeout: float = 1.0) -> None:
+        """Block until the thread finishes a tensor (or ``timeout`` seconds pass); raise its error."""
+        with self._written:
+            if self._held > 0:
+                self._written.wait(timeout)
+        self._raise()
 
     def close(self) -> None:
         """Wait for every queued tensor, finish the files; raise the thread's error if any."""

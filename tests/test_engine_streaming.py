@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -35,6 +36,53 @@ def test_read_ahead_bounds_the_tensors_in_flight(zoo):
             state["taken"] += 1
     assert state["taken"] > 6
     assert state["most_ahead"] <= 3  # read_ahead + the one being handed over
+
+
+def test_bytes_in_flight_stay_within_the_largest_tensor_and_a_quarter(zoo, tmp_path, monkeypatch):
+    """Two big tensors (embeddings, lm_head) are never in flight together, the writer's included."""
+    from hf_taskarith import engine
+    from hf_taskarith.writer import StreamingShardWriter as Writer
+
+    base = BaseModel(zoo["llama_base"])
+    merged = base + 0.5 * TaskVector.from_models(base, zoo["llama_ft_a"])
+    store = base.store
+    size = {n: math.prod(store.shape(n)) * 4 for n in store.keys()}  # fp32 output bytes
+    budget = max(size.values()) * 5 // 4
+    writers = []
+
+    class Recording(engine.BackgroundWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            writers.append(self)
+
+    monkeypatch.setattr(engine, "BackgroundWriter", Recording)
+    slow_write = Writer.write
+    monkeypatch.setattr(Writer, "write", lambda self, *a: (time.sleep(0.01), slow_write(self, *a))[1])
+    lock = threading.Lock()
+    active = {}
+    seen = {"worst": 0, "starts": 0}
+    real = type(merged).compute
+
+    def compute(self, name, lazy):
+        with lock:
+            busy = sum(active.values()) + writers[0].held_bytes()
+            if busy:  # something else in flight: this one must fit beside it
+                seen["worst"] = max(seen["worst"], busy + size[name])
+            active[name] = size[name]
+            seen["starts"] += 1
+        try:
+            time.sleep(0.005)
+            return real(self, name, lazy)
+        finally:
+            with lock:
+                del active[name]
+
+    merged.compute = compute.__get__(merged)
+    merged.save_pretrained(tmp_path / "out", dtype="float32", progress=False)
+    assert seen["starts"] == len([n for n in store.keys() if store.dtype(n).is_floating_point])
+    assert 0 < seen["worst"] <= budget
+    big = sorted(size, key=size.get)[-2:]
+    assert sum(size[n] for n in big) > budget  # so the two biggest never overlapped
 
 
 def _plan():

@@ -1004,7 +1004,6 @@ def section_scaling(ctx: Context) -> SectionResult:
     bad = [j for j in jobs if j not in ("apply", "task_arithmetic", "ties", "dare_ties")]
     if bad:
         raise ValueError(f"--scaling-jobs: unknown {bad}; use apply, task_arithmetic, ties, dare_ties")
-    reps = {"apply": ctx.repeats, "task_arithmetic": ctx.repeats, "ties": 1, "dare_ties": 1}
     per: Dict[Tuple[str, int], _measure.Measurement] = {}
     for job in jobs:
         for layers in (small, big):
@@ -1017,7 +1016,7 @@ def section_scaling(ctx: Context) -> SectionResult:
                 cmd += ["--out", str(out), "--dtype", "bfloat16", "--overwrite"]
             else:
                 cmd = _method_cmd(ctx, job, base, fts, out, f"L{layers}")
-            per[(job, layers)] = ctx.measure(cmd, [base, *fts], "scaling", repeats=reps[job])
+            per[(job, layers)] = ctx.measure(cmd, [base, *fts], "scaling", repeats=ctx.repeats)
     if not ctx.args.keep_outputs:
         shutil.rmtree(ctx.out_dir / "scaling", ignore_errors=True)
     size = {L: sum(f.stat().st_size for f in suites[L][0].glob("*.safetensors")) for L in (small, big)}
@@ -1043,8 +1042,7 @@ def section_scaling(ctx: Context) -> SectionResult:
             f"density {METHOD_DENSITY}, bf16 output) on the {small}-layer model ({size[small] / GB:.2f} GB per checkpoint) "
             f"and on the same model with {big} layers ({size[big] / GB:.2f} GB per checkpoint; `tests/bench/synth.py "
             f"--layers {big}`). Both have the same largest tensors (embeddings and `lm_head`, 32000×2048), so a "
-            "streaming engine's peak should not move. `ties` and `dare_ties` run once per size, and only when "
-            "asked for (`--scaling-jobs apply,task_arithmetic,ties,dare_ties`: about 15 more minutes on 2 cores)."
+            "streaming engine's peak should not move. `--scaling-jobs` picks the commands (default: all four)."
         ),
         table=table,
         legend=ctx.model_legend(),
@@ -1428,9 +1426,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--adapter-layers", type=int, default=4, help="layers for our adapter merges (PEFT runs on 1; default 4)")
     p.add_argument("--adapter-peft-thin", action="store_true",
                    help="adapter section: also time PEFT svd with svd_full_matrices=False (several more minutes)")
-    p.add_argument("--scaling-jobs", default="apply,task_arithmetic",
-                   help="scaling section: commands run at 1x and 2x depth (default apply,task_arithmetic; "
-                   "add ties,dare_ties for all three methods)")
+    p.add_argument("--scaling-jobs", default="apply,task_arithmetic,ties,dare_ties",
+                   help="scaling section: commands run at 1x and 2x depth (default all four: "
+                   "apply,task_arithmetic,ties,dare_ties)")
     p.add_argument("--search-points", type=int, default=5, help="grid points per mode in the search section (default 5)")
     p.add_argument("--keep-outputs", action="store_true", help="do not delete output folders after a section")
     p.add_argument("--strict", action="store_true", help="exit 1 when a command or a verification failed")
