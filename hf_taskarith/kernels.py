@@ -89,23 +89,20 @@ if nb is not None:
     _ABS = np.uint32(0x7FFFFFFF)
     _INF_BITS = np.uint32(0x7F800000)
 
-    @intrinsic
-    def _bits_to_f32(typingctx, x):
-        sig = types.float32(types.uint32)
+    def _bitcast(src, dst):
+        """An intrinsic reinterpreting the bits of a ``src`` scalar as a ``dst`` one."""
 
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(types.float32))
+        @intrinsic
+        def cast(typingctx, x):
+            def codegen(context, builder, signature, args):
+                return builder.bitcast(args[0], context.get_value_type(dst))
 
-        return sig, codegen
+            return dst(src), codegen
 
-    @intrinsic
-    def _f32_to_bits(typingctx, x):
-        sig = types.uint32(types.float32)
+        return cast
 
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(types.uint32))
-
-        return sig, codegen
+    _bits_to_f32 = _bitcast(types.uint32, types.float32)
+    _f32_to_bits = _bitcast(types.float32, types.uint32)
 
     @intrinsic
     def _fma(typingctx, a, b, c):

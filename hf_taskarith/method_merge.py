@@ -298,7 +298,6 @@ class MethodMerge(StreamingMerge):
         del deltas
         return base_tensor.add_(merged_delta)
 
-
     def _fused_inputs(self, name: str) -> Optional[List[torch.Tensor]]:
         """Mapped views of the finetuned tensors θ_i when every τ_i is a plain θ_i − θ0 (full
         finetunes), else None."""
