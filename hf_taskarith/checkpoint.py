@@ -151,6 +151,42 @@ def read_safetensors_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str
     return tensors, metadata
 
 
+class MappedWindow:
+    """The pages of one mapped tensor: fill a byte range before reading it, drop it after.
+
+    Readers that walk a big tensor range by range (the fused kernels) keep only the ranges in
+    use resident, instead of the whole tensor (a 70B model's embeddings are 2 GB per input).
+    Both calls are hints: on kernels without ``MADV_POPULATE_READ`` pages fault in on first read.
+    """
+
+    def __init__(self, m: mmap.mmap, delta: int):
+        self._m = m
+        self._delta = delta  # where the tensor's bytes start in the map
+
+    def _pages(self, lo: int, hi: int) -> Tuple[int, int]:
+        start = (self._delta + lo) // mmap.PAGESIZE * mmap.PAGESIZE
+        return start, min(len(self._m), self._delta + hi) - start
+
+    def populate(self, lo: int, hi: int) -> None:
+        """Map bytes [lo, hi) of the tensor now (one call instead of a page fault per page)."""
+        try:
+            self._m.madvise(_MADV_POPULATE_READ, *self._pages(lo, hi))
+        except (OSError, ValueError):
+            pass
+
+    def release(self, lo: int, hi: int) -> None:
+        """Unmap bytes [lo, hi) from this process (the page cache keeps them; a read maps them again)."""
+        try:
+            self._m.madvise(mmap.MADV_DONTNEED, *self._pages(lo, hi))
+        except (OSError, ValueError):
+            pass
+
+
+def mapped_window(tensor: torch.Tensor) -> Optional[MappedWindow]:
+    """The :class:`MappedWindow` of a tensor returned under :func:`mapped_reads`, else ``None``."""
+    return getattr(tensor, "_hf_taskarith_window", None)
+
+
 class _FileReader:
     """Positioned reads on one file, shared by threads (os.pread has no file position)."""
 
@@ -159,20 +195,16 @@ class _FileReader:
         self._fd: Optional[int] = None
         self._lock = threading.Lock()
 
-    def map(self, offset: int, nbytes: int) -> torch.Tensor:
-        """A uint8 tensor over bytes [offset, offset + nbytes) of the file: a private (copy-on-write)
-        map whose page-table entries are filled up front, so reading it takes no page faults."""
+    def map(self, offset: int, nbytes: int) -> Tuple[torch.Tensor, "MappedWindow"]:
+        """A uint8 tensor over bytes [offset, offset + nbytes) of the file, as a private
+        (copy-on-write) map, and the window that fills or drops its pages by range."""
         self._open()
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         m = mmap.mmap(
             self._fd, offset - start + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
             offset=start,
         )
-        try:
-            m.madvise(_MADV_POPULATE_READ)
-        except (OSError, ValueError):  # older kernels: pages fault in on first read instead
-            pass
-        return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset - start)
+        return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset - start), MappedWindow(m, offset - start)
 
     def _open(self) -> None:
         if self._fd is None:
@@ -207,7 +239,8 @@ def mapped_reads() -> Iterator[None]:
 
     The map covers only that tensor's bytes, is private (a write copies the page, the file never
     changes) and is released with the tensor. For code that reads its inputs once (the fused
-    kernels): no copy and no page faults on a fresh buffer.
+    kernels): no copy and no page faults on a fresh buffer. Its pages are mapped as they are read,
+    or by range through :func:`mapped_window`.
     """
     previous = getattr(_READ_TARGET, "views", False)
     _READ_TARGET.views = True
@@ -288,7 +321,10 @@ class SafetensorsCheckpoint(TensorStore):
         device = getattr(_READ_TARGET, "device", None)
         if device is None and info.nbytes >= _VIEW_MIN_BYTES and getattr(_READ_TARGET, "views", False):
             if info.offset % info.dtype.itemsize == 0:  # a typed view needs an aligned start
-                return self._readers[info.file].map(info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
+                raw, window = self._readers[info.file].map(info.offset, info.nbytes)
+                tensor = raw.view(info.dtype).reshape(info.shape)
+                tensor._hf_taskarith_window = window
+                return tensor
         # Under reads_to_device (the engine's CUDA workers) the read lands in pinned memory so the
         # host-to-device copy is asynchronous; the caching host allocator keeps the buffer alive until it is done.
         out = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=device is not None)

@@ -412,20 +412,45 @@ def _pool():
         return _POOL
 
 
-def _run(fn, n: int, *args) -> None:
+def _run(fn, n: int, *args, windows: Sequence = ()) -> None:
     """``fn(*args, lo, hi)`` over chunk-aligned ranges of _RANGE elements covering [0, n), handed
-    to the kernel pool's threads as they free up."""
-    _wait([(fn, (*args, lo, min(n, lo + _RANGE))) for lo in range(0, n, _RANGE)])
+    to the kernel pool's threads as they free up. ``windows``: ``(MappedWindow, itemsize)`` of
+    mapped inputs, whose pages are filled for each range before it runs and dropped after."""
+    _wait([(_in_windows, (windows, fn, args, lo, min(n, lo + _RANGE))) for lo in range(0, n, _RANGE)])
 
 
-def _hist(fn, n: int, size: int, *args) -> np.ndarray:
-    """Sum over threads of ``fn(*args, hist_p, lo, hi)``, one near-equal range and histogram each."""
+def _hist(fn, n: int, size: int, *args, windows: Sequence = ()) -> np.ndarray:
+    """Sum over threads of ``fn(*args, hist_p, lo, hi)``: one near-equal part and histogram per
+    thread, walked in _RANGE steps (so mapped inputs are resident one range at a time)."""
     per_thread = -(-n // _threads())  # ceil
     step = max(CHUNK, -(-per_thread // CHUNK) * CHUNK)
-    ranges = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
-    hists = np.zeros((max(len(ranges), 1), size), dtype=np.int64)
-    _wait([(fn, (*args, hists[p], lo, hi)) for p, (lo, hi) in enumerate(ranges)])
+    parts = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    hists = np.zeros((max(len(parts), 1), size), dtype=np.int64)
+
+    def part(p: int, lo: int, hi: int) -> None:
+        for s in range(lo, hi, _RANGE):
+            _in_windows(windows, fn, (*args, hists[p]), s, min(hi, s + _RANGE))
+
+    _wait([(part, (p, lo, hi)) for p, (lo, hi) in enumerate(parts)])
     return hists.sum(axis=0)
+
+
+def _in_windows(windows: Sequence, fn, args: tuple, lo: int, hi: int) -> None:
+    for window, size in windows:
+        window.populate(lo * size, hi * size)
+    try:
+        fn(*args, lo, hi)
+    finally:
+        for window, size in windows:
+            window.release(lo * size, hi * size)
+
+
+def _windows(*tensors: torch.Tensor) -> List[Tuple[object, int]]:
+    """``(MappedWindow, itemsize)`` of the inputs that are mapped views (see checkpoint.mapped_reads)."""
+    from .checkpoint import mapped_window
+
+    found = [(mapped_window(t), t.element_size()) for t in tensors]
+    return [(w, size) for w, size in found if w is not None]
 
 
 def _wait(calls) -> None:
@@ -488,11 +513,14 @@ def fold(
     b, fs = arrays
     out, view = _output(base.shape, out_dtype)
     coefs = np.array([c for c, _ in terms], dtype=np.float32)
-    _run(_kernels_for(len(fs)).fold, b.shape[0], b, *fs, np.float32(base_coef), base_coef != 1.0, coefs, view)
+    _run(
+        _kernels_for(len(fs)).fold, b.shape[0], b, *fs, np.float32(base_coef), base_coef != 1.0, coefs, view,
+        windows=_windows(base, *[t for _, t in terms]),
+    )
     return out
 
 
-def _select(b: np.ndarray, f: np.ndarray, k: int) -> Optional[Tuple[int, int]]:
+def _select(b: np.ndarray, f: np.ndarray, k: int, windows: Sequence = ()) -> Optional[Tuple[int, int]]:
     """Exact top-k of |τ| = |f − b| by radix select on the fp32 bit pattern.
 
     Returns ``(v, cut)``: keep entries with bits(|τ|) > v, and those equal to v at indices < cut
@@ -503,14 +531,14 @@ def _select(b: np.ndarray, f: np.ndarray, k: int) -> Optional[Tuple[int, int]]:
         return 0x80000000, 0  # above every |τ| bit pattern: nothing kept
     if k >= n:
         return 0, n  # everything is >= 0: all kept
-    high = _hist(_hist_high, n, 65537, b, f)
+    high = _hist(_hist_high, n, 65537, b, f, windows=windows)
     if high[65536]:
         return None
     from_top = np.cumsum(high[:65536][::-1])
     pos = int(np.searchsorted(from_top, k))
     bucket = 65535 - pos
     above = int(from_top[pos - 1]) if pos > 0 else 0
-    low = _hist(_hist_low, n, 65536, b, f, bucket)
+    low = _hist(_hist_low, n, 65536, b, f, bucket, windows=windows)
     from_top = np.cumsum(low[::-1])
     pos = int(np.searchsorted(from_top, k - above))
     v = (bucket << 16) | (65535 - pos)
@@ -518,7 +546,7 @@ def _select(b: np.ndarray, f: np.ndarray, k: int) -> Optional[Tuple[int, int]]:
     if need == int(low[65535 - pos]):
         return v, n  # all of them
     counts = np.zeros(-(-n // CHUNK), dtype=np.int64)
-    _run(_count_equal, n, b, f, v, counts)
+    _run(_count_equal, n, b, f, v, counts, windows=windows)
     before = np.cumsum(counts) - counts
     c = int(np.searchsorted(before + counts, need))  # the chunk holding the need-th tie
     return v, int(_nth_equal(b, f, v, c * CHUNK, min(n, (c + 1) * CHUNK), need - int(before[c])))
@@ -564,7 +592,7 @@ def ties(
         thr[:] = np.asarray(thresholds, dtype=np.float32)
     else:
         for i, (f, k) in enumerate(zip(fs, ks)):
-            selected = _select(b, f, int(k))
+            selected = _select(b, f, int(k), _windows(base, fts[i]))
             if selected is None:
                 return None
             vbits[i], cuts[i] = selected
@@ -572,7 +600,7 @@ def ties(
     _run(
         _kernels_for(t).ties, b.shape[0], b, *fs, vbits, cuts, thresholds is not None, thr,
         np.asarray(weights, dtype=np.float32), bool(weighted_election), majority_sign_method == "frequency",
-        bool(normalize), np.float32(lambda_), view,
+        bool(normalize), np.float32(lambda_), view, windows=_windows(base, *fts),
     )
     return out
 
@@ -620,7 +648,7 @@ def dare(
         _kernels_for(len(fs)).dare, b.shape[0], b, *fs, np.asarray([k % (1 << 64) for k in keys], dtype=np.uint64),
         cut, np.asarray(densities, dtype=np.float32), mode, bool(rescale), bool(consensus),
         np.asarray(weights, dtype=np.float32), bool(weighted_election), majority_sign_method == "frequency",
-        bool(normalize), norm_total, np.float32(lambda_), view,
+        bool(normalize), norm_total, np.float32(lambda_), view, windows=_windows(base, *fts),
     )
     return out
 
