@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
@@ -133,6 +135,31 @@ def scale_into_(acc: torch.Tensor, x: torch.Tensor, alpha: float) -> torch.Tenso
         if alpha != 1.0:
             a.mul_(alpha)
     return acc
+
+
+_MALLOC_FIXED = False
+
+
+def fix_malloc_mmap_threshold() -> None:
+    """Make glibc return every tensor-sized buffer to the OS when it is freed.
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MB); after
+    that, freed tensors stay in per-thread heaps and the resident set creeps up over a model (here
+    +70 MB from 16 to 32 layers). A fixed 4 MB threshold (what ``MALLOC_MMAP_THRESHOLD_`` would set)
+    keeps it flat. Once per process, Linux only, and not when the user set that variable.
+    """
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED:
+        return
+    _MALLOC_FIXED = True
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, 4 << 20)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # another libc: nothing to tune
+        pass
 
 
 class LazyTensor:
@@ -292,6 +319,7 @@ class StreamingMerge(ABC):
             downstream: The writer the results go to; the bytes it still holds count as in flight.
         """
         self._ensure_valid()
+        fix_malloc_mmap_threshold()
         out_dtype = self.output_dtype(dtype)
         dev = resolve_device(device)
         if order is None:
