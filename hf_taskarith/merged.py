@@ -89,12 +89,13 @@ def fold_linear(
         if kernels.available():  # one fused pass over the stored inputs (same bits as below)
             from .checkpoint import mapped_reads
 
-            with mapped_reads():  # map, do not copy: the kernel reads each once
+            with mapped_reads():  # map, do not copy: the kernel reads each input once
                 loaded = [(coef, load()) for coef, load in reads]
-                first = (loaded[0][1], loaded[0][0]) if abs(base_coef) < 1e-12 else (base.raw(), base_coef)
-            # θ0 cancels: the first input takes its place, as below
-            rest = loaded[1:] if abs(base_coef) < 1e-12 else loaded
-            out = kernels.fold(first[0], first[1], rest, base.out_dtype)
+                if abs(base_coef) < 1e-12:  # θ0 cancels: the first input takes its place, as below
+                    start = (loaded[0][1], loaded[0][0], loaded[1:])
+                else:
+                    start = (base.raw(), base_coef, loaded)
+            out = kernels.fold(*start, base.out_dtype)
             if out is not None:
                 return out
     if abs(base_coef) < 1e-12 and reads:
