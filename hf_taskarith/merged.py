@@ -9,7 +9,7 @@ import torch
 from .checkpoint import TensorStore
 from .engine import LazyTensor, StreamingMerge, add_scaled_, scale_into_
 from .refs import ResolvedModel
-from .task_vector import BaseModel, DenseTaskVector, LeafTaskVector, LoraTaskVector, TaskVector
+from .task_vector import BaseModel, LeafTaskVector, LoraTaskVector, TaskVector
 
 
 class MergedModel(StreamingMerge):
